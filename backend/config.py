@@ -1,0 +1,319 @@
+"""One typed configuration for a decomposition, with presets and TOML load/save.
+
+Defaults reproduce the seed (vllab/hashing-nvd ``config/config.py``); the
+mapping from these names to the seed's config keys is in ``docs/config.md``.
+A config is saved next to every output so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class GridConfig:
+    """tiny-cuda-nn ``HashGrid`` settings (method.md 1.3)."""
+
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 15
+    base_resolution: int = 16
+    per_level_scale: float = 1.25
+
+
+@dataclass
+class ModelConfig:
+    # mapping MLP (x,y,t) -> (u,v): Identity encoding, plain Linear layers
+    mapping_layers: int = 4
+    mapping_width: int = 256
+    # texture (u,v) -> RGB: 2D hash grid + MLP
+    texture_layers: int = 4
+    texture_width: int = 64
+    # residual (u,v,t) -> RGB gain: 3D hash grid + MLP, softplus
+    residual_layers: int = 4
+    residual_width: int = 64
+    use_residual: bool = True
+    # shared alpha (x,y,t) -> N-1 logits: 3D hash grid + MLP
+    alpha_layers: int = 4
+    alpha_width: int = 64
+    # atlas scale per layer kind: pretraining target uv = s * xy (seed: [0.9, 0.6])
+    uv_scale_fg: float = 0.9
+    uv_scale_bg: float = 0.6
+    texture_grid: GridConfig = field(default_factory=GridConfig)
+    xyt_grid: GridConfig = field(default_factory=GridConfig)
+    # "auto" picks triton on CUDA, then tinycudann if importable, else torch
+    encoding_backend: str = "auto"
+
+
+@dataclass
+class LossConfig:
+    """Weights and schedules of every loss term (method.md 2.4)."""
+
+    rgb: float = 5.0
+    gradient: float = 1.0
+    sparsity: float = 1.0
+    alpha_bootstrapping: float = 2.0
+    alpha_bootstrapping_stop: int = 10_000
+    alpha_reg: float = 0.1
+    flow_alpha: float = 0.05
+    optical_flow: float = 0.01
+    rigidity: float = 0.001
+    rigidity_derivative: int = 1
+    global_rigidity_fg: float = 0.005
+    global_rigidity_bg: float = 0.05
+    global_rigidity_stop: int = 5_000
+    global_rigidity_derivative: int = 100
+    residual_reg: float = 0.5
+    residual_consistent: float = 0.1
+    # residual_consistent draws samples_batch // (9*15) border pixels, 15 frames each
+    residual_consistent_frames: int = 15
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 50_000
+    batch_size: int = 10_000
+    grid_lr: float = 1e-2
+    mlp_lr: float = 1e-4
+    # mapping pretraining: pretrain_iterations * n_frames steps per layer
+    pretrain_iterations: int = 100
+    pretrain_batch_size: int = 10_000
+    checkpoint_every: int = 5_000
+    log_every: int = 500
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class ClipConfig:
+    long_edge: int = 768  # working resolution, aspect kept, never upscaled
+    max_frames: int = 100  # seed's maximum_number_of_frames
+    flow_method: str = "dis"  # dis | raft_small | raft_large
+    flow_consistency_px: float = 1.0
+
+
+@dataclass
+class ExportConfig:
+    atlas_size: int = 1000  # square atlas, texel centres (k+0.5)/size over [-1,1]
+    video_fps: float = 10.0  # seed writes fps=10; a clip's own fps wins when known
+    write_videos: bool = True
+    bake: bool = True  # per-frame uv/alpha/residual maps for fast edit re-render
+
+
+@dataclass
+class Config:
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    preset: str = "seed"
+
+    # ----------------------------------------------------------------- dicts
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        return _from_dict(cls, data, "config")
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """Return a copy with some fields changed, e.g. ``replace(train={"iterations": 10})``."""
+        d = self.to_dict()
+        for section, values in sections.items():
+            if section not in d:
+                raise ConfigError(f"unknown config section {section!r}")
+            if isinstance(values, dict):
+                _deep_update(d[section], values, section)
+            else:
+                d[section] = values
+        return Config.from_dict(d)
+
+    # ------------------------------------------------------------------ toml
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(dumps_toml(self.to_dict()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        base = preset(data.pop("preset", "seed"))
+        d = base.to_dict()
+        _deep_update(d, data, "config")
+        return cls.from_dict(d)
+
+    def validate(self) -> "Config":
+        t, m, c = self.train, self.model, self.clip
+        checks = [
+            (t.iterations >= 0, "train.iterations must be >= 0"),
+            (t.batch_size >= 16, "train.batch_size must be >= 16"),
+            (t.grid_lr > 0 and t.mlp_lr > 0, "learning rates must be > 0"),
+            (t.pretrain_iterations >= 0, "train.pretrain_iterations must be >= 0"),
+            (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+            (m.mapping_layers >= 2 and m.texture_layers >= 2, "MLPs need >= 2 layers"),
+            (m.encoding_backend in ("auto", "torch", "triton", "tcnn"),
+             "model.encoding_backend must be auto|torch|triton|tcnn"),
+            (c.long_edge >= 16, "clip.long_edge must be >= 16"),
+            (c.max_frames >= 2, "clip.max_frames must be >= 2"),
+            (c.flow_method in ("dis", "raft_small", "raft_large"),
+             "clip.flow_method must be dis|raft_small|raft_large"),
+            (self.export.atlas_size >= 16, "export.atlas_size must be >= 16"),
+        ]
+        for grid in (m.texture_grid, m.xyt_grid):
+            checks += [
+                (1 <= grid.n_levels <= 32, "grid n_levels must be in 1..32"),
+                (1 <= grid.n_features_per_level <= 8, "grid n_features_per_level must be in 1..8"),
+                (4 <= grid.log2_hashmap_size <= 24, "grid log2_hashmap_size must be in 4..24"),
+                (grid.base_resolution >= 2, "grid base_resolution must be >= 2"),
+                (grid.per_level_scale >= 1.0 and math.isfinite(grid.per_level_scale),
+                 "grid per_level_scale must be >= 1"),
+            ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+# --------------------------------------------------------------------- presets
+PRESETS = ("seed", "demo", "fast", "quality")
+
+
+def preset(name: str) -> Config:
+    """Named starting points. ``seed`` is the reference configuration.
+
+    * ``seed``: the reference implementation's defaults (50k iterations, 10k batch).
+    * ``quality``: the seed's model, longer training at a larger batch.
+    * ``fast``: the seed's model and losses, fewer iterations; for previews.
+    * ``demo``: a small model for the 2-core CPU demo (see docs/deviations.md).
+    """
+    cfg = Config()
+    if name == "seed":
+        pass
+    elif name == "quality":
+        cfg.train.iterations = 80_000
+        cfg.train.batch_size = 20_000
+    elif name == "fast":
+        cfg.train.iterations = 8_000
+        cfg.train.pretrain_iterations = 20
+        cfg.train.checkpoint_every = 1_000
+        cfg.train.log_every = 200
+        cfg.clip.long_edge = 512
+    elif name == "demo":
+        cfg.clip.long_edge = 128
+        cfg.model.mapping_width = 64
+        cfg.model.texture_grid = GridConfig(n_levels=8, log2_hashmap_size=14, base_resolution=8,
+                                            per_level_scale=1.4)
+        cfg.model.xyt_grid = GridConfig(n_levels=8, log2_hashmap_size=14, base_resolution=4,
+                                        per_level_scale=1.4)
+        cfg.train.iterations = 1500
+        cfg.train.batch_size = 2048
+        cfg.train.pretrain_iterations = 20
+        cfg.train.pretrain_batch_size = 2048
+        cfg.train.checkpoint_every = 500
+        cfg.train.log_every = 100
+        cfg.train.mlp_lr = 1e-3
+        cfg.losses.alpha_bootstrapping_stop = 1000
+        cfg.losses.global_rigidity_stop = 500
+        cfg.export.atlas_size = 256
+    else:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg.preset = name
+    return cfg.validate()
+
+
+# ------------------------------------------------------------------- helpers
+def _deep_update(dst: dict, src: dict, where: str) -> None:
+    for k, v in src.items():
+        if k not in dst:
+            raise ConfigError(f"unknown config field {where}.{k}")
+        if isinstance(dst[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config field {where}.{k} must be a table")
+            _deep_update(dst[k], v, f"{where}.{k}")
+        else:
+            dst[k] = v
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table")
+    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config field {where}.{k}")
+        f = fields[k]
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+                   else f.default)
+        if dataclasses.is_dataclass(default):
+            kwargs[k] = _from_dict(type(default), v, f"{where}.{k}")
+        else:
+            kwargs[k] = _coerce(v, default, f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def dumps_toml(d: dict[str, Any]) -> str:
+    """Write nested dicts of scalars as TOML (tables for dicts)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, float):
+            return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise ConfigError(f"cannot write {type(v).__name__} to TOML")
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        plain = [(k, v) for k, v in table.items() if not isinstance(v, dict)]
+        nested = [(k, v) for k, v in table.items() if isinstance(v, dict)]
+        if prefix and plain:
+            lines.append(f"[{prefix}]")
+        for k, v in plain:
+            lines.append(f"{k} = {scalar(v)}")
+        if plain:
+            lines.append("")
+        for k, v in nested:
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(d, "")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,64 @@
+"""Progress reports and cancellation shared by the engine, the CLI and the service."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, asdict
+from typing import Any, Callable, Optional
+
+from .errors import Cancelled
+
+# Phases of a decomposition, in order. The service and the add-on show these.
+PHASES = ("load", "flow", "pretrain", "train", "export", "bake", "render", "done")
+
+
+@dataclass
+class Progress:
+    phase: str
+    fraction: float = 0.0  # 0..1 within the whole job (all phases)
+    iteration: int = 0
+    iterations: int = 0
+    eta_s: Optional[float] = None
+    psnr: Optional[float] = None  # running PSNR of the training batch, dB
+    losses: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def null_progress(_: Progress) -> None:
+    return None
+
+
+class CancelToken:
+    """Thread-safe cancellation flag polled by the engine between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason or "cancelled")
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
