@@ -25,7 +25,7 @@ LIBRARIES = ("av", "imageio-ffmpeg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
 _MODULES = {"av": "av", "imageio-ffmpeg": "imageio_ffmpeg"}
-_CRF = "17"  # x264 constant rate factor: visually lossless for previews and edits
+_CRF = "15"  # x264 constant rate factor: visually lossless for previews and edits
 
 
 @dataclass
@@ -181,15 +181,15 @@ def _encode_imageio_ffmpeg(path: Path, frames: Iterator[np.ndarray], fps: float)
     writer = None
     count = 0
     try:
-        codec = imageio_ffmpeg.get_first_available_h264_encoder()
         for rgb in frames:
             if writer is None:
                 h, w = rgb.shape[:2]
+                # codec None: imageio-ffmpeg picks its first working H.264 encoder;
+                # quality 7 is crf 15 for libx264
                 writer = imageio_ffmpeg.write_frames(
-                    str(path), (w, h), fps=Fraction(fps).limit_denominator(1001), codec=codec,
-                    pix_fmt_in="rgb24", pix_fmt_out="yuv420p", quality=None,
-                    macro_block_size=1, ffmpeg_log_level="error",
-                    output_params=["-crf", _CRF] if codec == "libx264" else None)
+                    str(path), (w, h), fps=float(fps), codec=None, quality=7,
+                    pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+                    macro_block_size=1, ffmpeg_log_level="error")
                 writer.send(None)
             writer.send(rgb)
             count += 1
