@@ -1,0 +1,79 @@
+"""DIS optical flow against the tennis clip's RAFT reference: end-point error and speed.
+
+Usage: .venv/bin/python scripts/bench/flow_epe.py [--data ../shared/data/tennis] [--presets fine,medium]
+
+For each DIS preset it prints the mean end-point error (EPE, px) of the
+forward flow against ``reference_flow_forward_raft.npz`` over all pixels and
+over the pixels DIS itself marks forward-backward consistent (< 1 px), the
+share of consistent pixels, and the time per frame pair (forward + backward
+flow) on this CPU. It also reports how much storing flows as float16 (the
+flow cache format) changes them. RAFT is a reference here, not ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from backend.clip import load_clip  # noqa: E402
+from backend.preprocess.flow import DIS_PRESETS, consistency_mask, dis_flow, to_uint8  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT / "../shared/data/tennis")
+    ap.add_argument("--presets", default=",".join(DIS_PRESETS),
+                    help="comma-separated DIS presets (default: all)")
+    args = ap.parse_args()
+    ref_path = args.data / "reference_flow_forward_raft.npz"
+    if not ref_path.is_file():
+        sys.exit(f"reference flow not found: {ref_path}")
+
+    clip = load_clip(args.data, masks=[])
+    with np.load(ref_path) as data:
+        ref = data["flow"].astype(np.float32)
+    if ref.shape != (clip.n_frames - 1, clip.height, clip.width, 2):
+        sys.exit(f"reference shape {ref.shape} does not match the clip {clip.frames.shape}")
+    u8 = to_uint8(clip.frames)
+    pairs = clip.n_frames - 1
+    print(f"cpu: {cpu_name()} ({cv2.getNumThreads()} OpenCV threads), opencv {cv2.__version__}, "
+          f"python {platform.python_version()}")
+    print(f"clip: {args.data.resolve()} {clip.n_frames} frames {clip.width}x{clip.height}, "
+          f"{pairs} pairs")
+    print(f"{'preset':12s} {'EPE all':>8s} {'EPE cons':>9s} {'cons %':>7s} {'ms/pair':>8s} "
+          f"{'f16 max':>8s}")
+    for preset in args.presets.split(","):
+        t0 = time.perf_counter()
+        fwd = dis_flow(u8[:-1], u8[1:], preset=preset)
+        bwd = dis_flow(u8[1:], u8[:-1], preset=preset)
+        ms = (time.perf_counter() - t0) / pairs * 1000.0
+        ok = consistency_mask(fwd, bwd, 1.0)
+        epe = np.linalg.norm(fwd - ref, axis=-1)
+        f16 = np.abs(fwd.astype(np.float16).astype(np.float32) - fwd).max()
+        print(f"{preset:12s} {epe.mean():8.3f} {epe[ok].mean():9.3f} {100 * ok.mean():7.1f} "
+              f"{ms:8.1f} {f16:8.4f}", flush=True)
+    print("EPE in px against RAFT; 'cons' = pixels DIS marks forward-backward consistent (< 1 px);")
+    print("ms/pair = forward + backward flow; f16 max = largest change from storing as float16.")
+
+
+if __name__ == "__main__":
+    main()
