@@ -183,8 +183,8 @@ class _FrameStack:
         self.count += 1
 
     def result(self) -> np.ndarray:
-        if self._array is None:
-            return np.empty((0, 0, 0, 3), np.float32)
+        """The frames appended so far (at least one)."""
+        assert self._array is not None
         if self.count == self._array.shape[0]:
             return self._array
         return self._array[: self.count].copy()

@@ -59,6 +59,15 @@ def available_library(preferred: Optional[str] = None) -> Optional[str]:
     return None
 
 
+def writer_library(preferred: Optional[str] = None) -> Optional[str]:
+    """The library to encode H.264 with: like :func:`available_library`, but a PyAV
+    build without an H.264 encoder does not count."""
+    for name in ((preferred,) if preferred else LIBRARIES):
+        if available_library(name) and (name != "av" or _av_h264_codec() is not None):
+            return name
+    return None
+
+
 def open_video(path: Path, library: Optional[str] = None) -> VideoStream:
     """Open ``path`` for sequential decoding; raises :class:`ClipError` naming the file."""
     name = available_library(library)
@@ -116,17 +125,22 @@ def _open_av(path: Path) -> VideoStream:
     return VideoStream(path, fps, int(stream.frames or 0), frames(), "av")
 
 
-def _encode_av(path: Path, frames: Iterator[np.ndarray], fps: float) -> int:
+def _av_h264_codec() -> Optional[str]:
     import av
 
-    codec = None
     for name in ("libx264", "libopenh264"):
         try:
             av.codec.Codec(name, "w")
         except _av_errors():
             continue
-        codec = name
-        break
+        return name
+    return None
+
+
+def _encode_av(path: Path, frames: Iterator[np.ndarray], fps: float) -> int:
+    import av
+
+    codec = _av_h264_codec()
     if codec is None:
         raise OSError("this PyAV build has no H.264 encoder (libx264 or libopenh264)")
     count = 0

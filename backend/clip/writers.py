@@ -125,21 +125,22 @@ def write_video(path: PathLike, frames: Iterable[np.ndarray], fps: float,
     by one replicated row/column, as H.264 in yuv420p needs even sizes.
 
     ``encoder``: ``"auto"`` tries PyAV, then imageio-ffmpeg, and when neither
-    is installed writes a PNG sequence ``path.with_suffix("")/%05d.png``
+    is installed (with an H.264 encoder) writes a PNG sequence ``path.with_suffix("")/%05d.png``
     instead; ``"av"``, ``"imageio-ffmpeg"`` or ``"png"`` force one. Callers
     must report the returned path, which is the folder in the PNG case.
     """
     path = Path(path)
-    if not fps or fps <= 0:
+    if not fps > 0:
         raise ValueError(f"write_video needs fps > 0, got {fps!r}")
     if encoder not in ("auto", "png") + _video.LIBRARIES:
         raise ValueError(f"unknown video encoder {encoder!r}; choose auto, png or "
                          + ", ".join(_video.LIBRARIES))
     library = None
     if encoder != "png":
-        library = _video.available_library(None if encoder == "auto" else encoder)
+        library = _video.writer_library(None if encoder == "auto" else encoder)
         if library is None and encoder != "auto":
-            raise OutputError(f"cannot write {path}: the video library {encoder} is not installed")
+            raise OutputError(f"cannot write {path}: {encoder} is not installed "
+                              "or has no H.264 encoder")
     if library is None:
         return write_image_sequence(path.with_suffix(""), frames)
 

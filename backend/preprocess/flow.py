@@ -46,6 +46,11 @@ _PAIRS_PER_CALL = 8  # consecutive pairs handed to a flow method at once (a batc
 _CACHE_VERSION = 1
 
 
+def _cache_tag(method: str) -> str:
+    """What, beyond the method name, decides the flows: a cache made otherwise is stale."""
+    return f"dis/{DIS_DEFAULT_PRESET}" if method == "dis" else method
+
+
 @dataclass
 class FlowSet:
     """Flows of a clip's consecutive pairs at its working resolution.
@@ -182,7 +187,7 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
     flows = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"flow_{method}_{clip.fingerprint()}.npz"
-        flows = _read_cache(cache, shape)
+        flows = _read_cache(cache, shape, _cache_tag(method))
     if flows is not None:
         forward, backward = flows
         if progress is not None:
@@ -191,7 +196,7 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
         forward, backward = _run_method(FLOW_METHODS[method], clip.frames, progress)
         if cache is not None:
             # return exactly what a later cache hit returns, so reruns match
-            forward, backward = _write_cache(cache, forward, backward)
+            forward, backward = _write_cache(cache, forward, backward, _cache_tag(method))
     return FlowSet(forward=forward, backward=backward,
                    forward_ok=consistency_mask(forward, backward, consistency_px),
                    backward_ok=consistency_mask(backward, forward, consistency_px),
@@ -208,6 +213,9 @@ def _run_method(fn: FlowFn, frames: np.ndarray,
         u8 = to_uint8(frames[i:j + 1])
         first, second = u8[:-1], u8[1:]
         both = fn(np.concatenate([first, second]), np.concatenate([second, first]))
+        if both.shape != (2 * (j - i),) + frames.shape[1:3] + (2,):
+            raise ValueError(f"flow method returned shape {both.shape} for {2 * (j - i)} pairs "
+                             f"of {frames.shape[2]}x{frames.shape[1]} frames")
         forward[i:j] = both[: j - i]
         backward[i:j] = both[j - i:]
         if progress is not None:
@@ -215,26 +223,32 @@ def _run_method(fn: FlowFn, frames: np.ndarray,
     return forward, backward
 
 
-def _read_cache(path: Path, shape: tuple[int, ...]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _read_cache(path: Path, shape: tuple[int, ...],
+                tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The cached (forward, backward) pair, or None when absent or unusable (with a warning)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             version = int(data["version"])
+            stored_tag = str(data["tag"])
             forward = data["forward"].astype(np.float32)
             backward = data["backward"].astype(np.float32)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         warnings.warn(f"ignoring unreadable flow cache {path}: {e}", stacklevel=3)
         return None
-    if version != _CACHE_VERSION or forward.shape != shape or backward.shape != shape:
+    if version != _CACHE_VERSION or stored_tag != tag:
+        warnings.warn(f"ignoring flow cache {path}: made by another version or method "
+                      f"({stored_tag}, now {tag})", stacklevel=3)
+        return None
+    if forward.shape != shape or backward.shape != shape:
         warnings.warn(f"ignoring flow cache {path}: it does not match this clip", stacklevel=3)
         return None
     return forward, backward
 
 
-def _write_cache(path: Path, forward: np.ndarray,
-                 backward: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _write_cache(path: Path, forward: np.ndarray, backward: np.ndarray,
+                 tag: str) -> tuple[np.ndarray, np.ndarray]:
     """Store the flows as float16 and return them as read back (float32)."""
     forward16 = forward.astype(np.float16)
     backward16 = backward.astype(np.float16)
@@ -242,7 +256,7 @@ def _write_cache(path: Path, forward: np.ndarray,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, version=np.int64(_CACHE_VERSION),
+            np.savez(f, version=np.int64(_CACHE_VERSION), tag=np.array(tag),
                      forward=forward16, backward=backward16)
         os.replace(tmp, path)
     except OSError as e:

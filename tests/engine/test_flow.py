@@ -181,6 +181,21 @@ def test_corrupt_cache_is_recomputed(tmp_path):
         compute_flow(clip, cache_dir=tmp_path)  # rewritten: a clean hit now
 
 
+def test_cache_made_with_other_dis_parameters_is_ignored(tmp_path):
+    clip = shifted_clip(n=2, width=48, height=32)
+    compute_flow(clip, cache_dir=tmp_path)
+    path = tmp_path / f"flow_dis_{clip.fingerprint()}.npz"
+    with np.load(path) as data:
+        stored = {k: data[k] for k in data.files}
+    stored["tag"] = np.array("dis/some-older-preset")
+    stored["forward"] = np.zeros_like(stored["forward"])
+    with open(path, "wb") as f:
+        np.savez(f, **stored)
+    with pytest.warns(UserWarning, match="some-older-preset"):
+        fs = compute_flow(clip, cache_dir=tmp_path)
+    assert np.abs(fs.forward[:, 8:-8, 8:-8] - SHIFT).mean() < 0.1
+
+
 def test_unwritable_cache_dir(tmp_path):
     (tmp_path / "blocker").write_text("a file where the cache folder should be")
     clip = shifted_clip(n=2, width=32, height=24)
