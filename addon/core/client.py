@@ -194,8 +194,11 @@ class Client:
              retries: int | None = None) -> Request:
         """Queue a request without waiting. Its reply arrives through ``poll``."""
         body = {k: v for k, v in dict(body or {}).items() if v is not None}
-        P.validate_body(kind, body)  # fail here, not after a round trip
-        P.check_blobs(kind, list(blobs))
+        try:  # fail here, not after a round trip
+            P.validate_body(kind, body)
+            P.check_blobs(kind, list(blobs))
+        except ProtocolError as e:
+            raise ServiceError(e.code, e.message, e.detail) from None
         req = Request(kind, body, tuple(blobs), callback,
                       self.timeout if timeout is None else timeout,
                       self.retries if retries is None else retries)
