@@ -103,6 +103,8 @@ _MAX_TEXELS = 4096
 #: lighting gain (<= 1.06) frames stay inside (0, 1) and are never clipped
 _COLOR_LO, _COLOR_HI = 0.02, 0.94
 _LIGHT_AMPLITUDE = 0.06
+#: width of the soft edge of texture discs, in output pixels (band-limits them)
+_DISC_EDGE_PX = 3.0
 #: pixels whose interpolated outline distance is this close to zero get the exact one
 _MASK_BAND_PX = 0.5
 _GT_FILE = "ground_truth.npz"
@@ -242,6 +244,18 @@ class SyntheticScene:
         h, w = self.clip.height, self.clip.width
         return (xy - [(w - 1) / 2, (h - 1) / 2]) / (max(w, h) / 2)
 
+    def render(self, textures: list[np.ndarray]) -> np.ndarray:
+        """(F, H, W, 3) float32 frames of this shot with other textures (one (h_k, w_k, 3)
+        array per layer, same sizes as ``textures``), e.g. ground-truth textures with a
+        painted mark: the result of a perfect decomposition's edit. Same lighting and
+        anti-aliasing as the clip."""
+        if [t.shape for t in textures] != [t.shape for t in self.textures]:
+            raise ValueError("textures must match the scene's texture shapes "
+                             f"{[t.shape for t in self.textures]}")
+        frames = np.empty_like(self.clip.frames)
+        _render_frames(self, [np.asarray(t, np.float32) for t in textures], frames, None)
+        return frames
+
     # ------------------------------------------------------------------ I/O
     def write(self, folder: PathLike) -> Path:
         """Write the seed layout (``video_frames/%05d.png``, ``masks/object<k>/%05d.png``, 8-bit)
@@ -353,7 +367,7 @@ def make_synthetic_clip(width: int = 128, height: int = 72, n_frames: int = 24, 
                                       params),
                            textures, transforms, np.array(origins), np.array(tpus), shapes,
                            object_gain, background_light, params)
-    _render_frames(scene)
+    _render_frames(scene, textures, scene.clip.frames, scene.clip.masks)
     return scene
 
 
@@ -429,12 +443,17 @@ def _object_layer(seed: int, k: int, n_objects: int, p: dict, half_frame: np.nda
 
 
 def _outline_distance(local: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    """First-order signed distance (units of U) from local points (N, 2) to the outline
-    r(phi) = R (1 + a2 cos(2 phi - p2) + a3 cos(3 phi - p3)); negative inside."""
+    """Approximate signed distance (units of U) from local points (N, 2) to the outline
+    r(phi) = R (1 + a2 cos(2 phi - p2) + a3 cos(3 phi - p3)); negative inside.
+
+    It is the level set rho / r(phi) - 1 divided by its gradient's norm,
+    (rho - r) / sqrt(1 + (r' / r)^2): exact sign, first-order exact at the outline, and
+    about -r at the centre (no blow-up there).
+    """
     radius, a2, p2, a3, p3 = shape
     x, y = local[..., 0], local[..., 1]
     rho = np.hypot(x, y)
-    safe = np.maximum(rho, 1e-12)
+    safe = np.maximum(rho, 1e-300)
     c1, s1 = np.where(rho > 0, x / safe, 1.0), y / safe  # cos, sin of the polar angle phi
     c2, s2 = c1 * c1 - s1 * s1, 2 * c1 * s1  # of 2 phi, 3 phi (no trigonometry per point)
     c3, s3 = c1 * c2 - s1 * s2, s1 * c2 + c1 * s2
@@ -442,12 +461,13 @@ def _outline_distance(local: np.ndarray, shape: np.ndarray) -> np.ndarray:
                   + a3 * (c3 * np.cos(p3) + s3 * np.sin(p3)))
     dr = radius * (-2 * a2 * (s2 * np.cos(p2) - c2 * np.sin(p2))
                    - 3 * a3 * (s3 * np.cos(p3) - c3 * np.sin(p3)))
-    return (rho - r) / np.sqrt(1 + (dr / safe) ** 2)
+    return (rho - r) / np.sqrt(1 + (dr / r) ** 2)
 
 
 # ----------------------------------------------------------------------------- rendering
-def _render_frames(scene: SyntheticScene) -> None:
-    """Fill ``scene.clip.frames`` and ``.masks`` by sampling the textures (back to front).
+def _render_frames(scene: SyntheticScene, textures: list[np.ndarray], frames: np.ndarray,
+                   masks: Optional[np.ndarray]) -> None:
+    """Fill ``frames`` (and ``masks`` unless None) by sampling ``textures`` back to front.
 
     Each object is drawn from an RGBA source: its texture plus, as a fourth channel, its
     outline's signed distance in texels, so one bilinear warp gives colour and coverage.
@@ -456,20 +476,19 @@ def _render_frames(scene: SyntheticScene) -> None:
     (``signed_distance``) wherever the warped one is within ``_MASK_BAND_PX`` of zero, so they
     agree with ``visible()`` exactly.
     """
-    clip = scene.clip
-    n_frames, h, w = clip.n_frames, clip.height, clip.width
+    n_frames, h, w = frames.shape[:3]
     bg = scene.background
     xs = np.arange(w, dtype=np.float64)
     ys = np.arange(h, dtype=np.float64)
     # normalised x repeated per channel, so the light gain multiplies (H, W*3) rows contiguously
     norm_x3 = np.repeat((xs - (w - 1) / 2) / (max(w, h) / 2), 3).astype(np.float32)
     norm_y = ((ys - (h - 1) / 2) / (max(w, h) / 2)).astype(np.float32)
-    sources = [np.dstack([scene.textures[k], _texel_distance(scene, k)])
+    sources = [np.dstack([textures[k], _texel_distance(scene, k)])
                for k in range(scene.n_objects)]
     inside = np.zeros((h, w, scene.n_objects), bool)
     for t in range(n_frames):
-        frame = clip.frames[t]
-        frame[:] = cv2.warpAffine(scene.textures[bg], scene._inverse[t, bg], (w, h),
+        frame = frames[t]
+        frame[:] = cv2.warpAffine(textures[bg], scene._inverse[t, bg], (w, h),
                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                   borderMode=cv2.BORDER_REPLICATE)
         light = scene._background_light[t]
@@ -499,10 +518,11 @@ def _render_frames(scene: SyntheticScene) -> None:
             box_inside = dist <= 0
             box_inside[edge_rows, edge_cols] = exact <= 0
             inside[y0:y1, x0:x1, k] = box_inside
-        covered = np.zeros((h, w), bool)
-        for k in range(scene.n_objects):
-            clip.masks[t, ..., k] = inside[..., k] & ~covered
-            covered |= inside[..., k]
+        if masks is not None:
+            covered = np.zeros((h, w), bool)
+            for k in range(scene.n_objects):
+                masks[t, ..., k] = inside[..., k] & ~covered
+                covered |= inside[..., k]
 
 
 def _texel_distance(scene: SyntheticScene, k: int) -> np.ndarray:
@@ -572,10 +592,11 @@ class _Canvas:
             total += (amp / _BSPLINE_STD) * (wy @ (lattice @ wx.T))
         return total / np.float32(np.sqrt(variance))
 
-    def discs(self, image: np.ndarray, centres, radii, colors, edge: float,
-              modulation: np.ndarray) -> None:
-        """Paint soft-edged discs (centres, radii in U) in place; disc colour times
-        ``modulation`` (h, w) so the discs stay textured. ``edge`` is the edge width in U."""
+    def discs(self, image: np.ndarray, centres, radii, colors, modulation: np.ndarray) -> None:
+        """Paint discs (centres, radii in U) in place; disc colour times ``modulation`` (h, w)
+        so the discs stay textured. Their edges are band-limited like the noise: a smoothstep
+        over ``_DISC_EDGE_PX`` output pixels."""
+        edge = _DISC_EDGE_PX / self.unit
         for (cx, cy), r, color in zip(centres, radii, colors):
             reach = r + edge
             c0, c1 = np.searchsorted(self.x, [cx - reach, cx + reach])
@@ -624,7 +645,7 @@ class _BackgroundPainter:
         radii = rng.uniform(0.03, 0.08, count)
         colors = [_hsv(base_hue + rng.uniform(-0.25, 0.25), rng.uniform(0.15, 0.5),
                        rng.uniform(0.25, 0.85)) for _ in range(count)]
-        canvas.discs(image, centres, radii, colors, edge=0.02, modulation=shade)
+        canvas.discs(image, centres, radii, colors, modulation=shade)
         return image
 
 
@@ -656,7 +677,7 @@ class _ObjectPainter:
         radii = rng.uniform(0.02, 0.04, count)
         colors = [np.asarray(palette[1]) * 0.5 if rng.uniform() < 0.5 else
                   np.minimum(np.asarray(palette[2]) * 1.1, 1.0) for _ in range(count)]
-        canvas.discs(image, centres, radii, colors, edge=0.02, modulation=shade)
+        canvas.discs(image, centres, radii, colors, modulation=shade)
         return image
 
 

@@ -19,18 +19,25 @@ import numpy as np
 
 def mark_drift(original_frames: np.ndarray, edited_frames: np.ndarray, expected_xy: np.ndarray,
                visible: Optional[np.ndarray] = None, *, min_weight: float = 1.0,
-               threshold: float = 0.05, relative_threshold: float = 0.25) -> dict:
+               threshold: float = 0.05, relative_threshold: float = 0.25,
+               mark_color: Optional[Sequence[float]] = None) -> dict:
     """How far a painted mark lands from where the ground truth says it belongs.
 
-    In each frame the mark is found as the centroid of the per-pixel change
-    ``c = sum over channels |edited - original|``, weighted by ``c - cut`` over the pixels
-    where ``c > cut``, with ``cut = max(threshold, relative_threshold * max(c))``: the
-    absolute part ignores noise and quantisation, the relative part keeps faint changes
-    elsewhere (ghosts on another layer, reconstruction noise) from pulling the centroid.
+    In each frame the mark is found as the weighted centroid of the pixels whose change
+    ``c = sum over channels |edited - original|`` exceeds
+    ``cut = max(threshold, relative_threshold * max(c))``: the absolute part ignores noise
+    and quantisation, the relative part keeps faint changes elsewhere (ghosts on another
+    layer, reconstruction noise) from pulling the centroid. The weight is ``c - cut``, or,
+    when ``mark_color`` (RGB) is given, the mark's estimated coverage of the pixel
+    ``min(1, c / sum |mark_color - original|)``. Prefer giving it: the plain change weighs
+    pixels by how much the underlying picture differs from the mark, which biases the
+    centroid by up to a pixel even for a perfect edit (the bias moves with the texture, so
+    it looks like a constant drift); the coverage does not depend on the picture.
 
     expected_xy: (F, 2) image points (x, y) where the painted point should be.
     visible: (F,) bool, frames where the ground truth sees the mark (None: all frames).
-    min_weight: a frame whose total weight is below this counts as "not found".
+    min_weight: a frame whose total weight is below this counts as "not found" (about
+        the mark's area in pixels with ``mark_color``).
 
     Returns ``dict(mean_px, max_px, per_frame_px, frames_measured, frames_not_visible,
     frames_not_found)``: ``per_frame_px`` is a list with NaN where not measured; mean and
@@ -43,6 +50,7 @@ def mark_drift(original_frames: np.ndarray, edited_frames: np.ndarray, expected_
     n, h, w = original.shape[:3]
     expected = np.asarray(expected_xy, np.float64).reshape(n, 2)
     seen = np.ones(n, bool) if visible is None else np.asarray(visible, bool).reshape(n)
+    mark = None if mark_color is None else np.asarray(mark_color, np.float32).reshape(-1)[:3]
     xs = np.arange(w, dtype=np.float64)
     ys = np.arange(h, dtype=np.float64)
     drift = np.full(n, np.nan)
@@ -52,7 +60,11 @@ def mark_drift(original_frames: np.ndarray, edited_frames: np.ndarray, expected_
             continue
         change = np.abs(edited[t] - original[t]).sum(-1)
         cut = max(threshold, relative_threshold * float(change.max()))
-        weight = np.maximum(change - cut, 0.0).astype(np.float64)
+        if mark is None:
+            weight = np.maximum(change - cut, 0.0).astype(np.float64)
+        else:
+            contrast = np.maximum(np.abs(mark - original[t]).sum(-1), threshold)
+            weight = np.where(change > cut, np.minimum(change / contrast, 1.0), 0.0)
         total = weight.sum()
         if total < min_weight:
             not_found += 1
