@@ -1,0 +1,57 @@
+"""The bpy shell of the add-on: preferences, properties, operators, panels, the
+timer poller and the blocking driver. Imported only from ``register()``."""
+
+from __future__ import annotations
+
+import atexit
+
+import bpy
+
+from . import operators, panels, prefs, props, runtime
+
+_CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES)
+
+
+@bpy.app.handlers.persistent
+def _save_edits_pre(*_args: object) -> None:
+    """Saving the .blend also saves modified edit images: paint is never lost."""
+    from . import images
+
+    try:
+        images.save_dirty([i for i in bpy.data.images if i.get(images.KEY_ROLE) == "edit" and i.is_dirty])
+    except (RuntimeError, OSError) as e:
+        print(f"[neural_atlas] could not save an edit image: {e}")
+
+
+@bpy.app.handlers.persistent
+def _load_post(*_args: object) -> None:
+    """A newly opened .blend may hold running jobs: re-attach to them on the next tick."""
+    runtime.get().attached = False
+    if any(len(props.settings(sc).jobs) for sc in bpy.data.scenes):
+        try:
+            runtime.session()
+        except RuntimeError:
+            return
+        runtime.ensure_timer()
+
+
+def register() -> None:
+    for cls in _CLASSES:
+        bpy.utils.register_class(cls)
+    props.register()
+    if _save_edits_pre not in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.append(_save_edits_pre)
+    if _load_post not in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.append(_load_post)
+    atexit.register(runtime.shutdown)
+
+
+def unregister() -> None:
+    runtime.reset()  # stops the timer, closes the socket, stops a local backend
+    atexit.unregister(runtime.shutdown)
+    for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post)):
+        if fn in lst:
+            lst.remove(fn)
+    props.unregister()
+    for cls in reversed(_CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,322 @@
+"""What the operators (and batch scripts) do: submit a decomposition or a render,
+and apply job changes to the .blend (import atlases + edit images, place renders).
+
+Edits belong to the *shot* (strip, source and frame range), not to one
+decomposition job: re-decomposing the same shot refreshes the atlases and keeps
+the artist's edit images untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, Optional
+
+import bpy
+
+from ..core import jobs as J
+from ..core import strips as S
+from . import images, runtime, vse
+from .props import NA_JobItem, find_job_any, settings
+
+JOB_FIELDS = ("state", "phase", "fraction", "eta_s", "psnr", "iteration", "iterations", "message")
+
+
+class ActionError(Exception):
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+# -------------------------------------------------------------------- paths
+def workspace() -> str:
+    from .prefs import prefs
+
+    return prefs().workspace_path()
+
+
+def shot_key(strip_name: str, source: str, src_range: tuple[int, int]) -> str:
+    h = hashlib.sha1(json.dumps([source, list(src_range)]).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', strip_name)[:40]}-{h}"
+
+
+def edit_path(shot: str, layer: int) -> str:
+    return os.path.join(workspace(), "edits", shot, f"layer_{layer}.png")
+
+
+def layer_of(rel: str) -> int:
+    m = re.search(r"layer_(\d+)\.", rel)
+    if not m:
+        raise ActionError(f"unexpected atlas file name {rel!r}")
+    return int(m.group(1))
+
+
+# --------------------------------------------------------------- decompose
+def parse_overrides(text: str) -> dict[str, dict[str, Any]]:
+    text = (text or "").strip()
+    if not text:
+        return {}
+    try:
+        d = json.loads(text)
+    except ValueError:
+        import tomllib
+
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ActionError(f"overrides are neither JSON nor TOML: {e}",
+                              'Write e.g. {"train": {"iterations": 500}}') from None
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise ActionError("overrides must map sections to fields, e.g. {\"train\": {\"iterations\": 500}}")
+    return d
+
+
+def source_size(strip: bpy.types.Strip, info: S.StripInfo) -> tuple[int, int]:
+    elems = getattr(strip, "elements", None)
+    if elems and len(elems) and getattr(elems[0], "orig_width", 0):
+        return int(elems[0].orig_width), int(elems[0].orig_height)
+    if info.kind == "IMAGE":
+        img = bpy.data.images.load(info.frame_file(0), check_existing=True)
+        size = int(img.size[0]), int(img.size[1])
+        return size
+    sc = strip.id_data
+    return int(sc.render.resolution_x), int(sc.render.resolution_y)
+
+
+def decompose(scene: bpy.types.Scene, strip: bpy.types.Strip, *, preset: Optional[str] = None,
+              overrides: Optional[dict] = None) -> NA_JobItem:
+    """Submit the strip (non-blocking) and add its job record; the job id arrives later."""
+    st = settings(scene)
+    info = vse.strip_info(strip)
+    timeline = (scene.frame_start, scene.frame_end) if st.use_scene_range else None
+    src_range = S.source_range(info, timeline, st.max_frames or None)
+    if info.kind == "MOVIE":
+        if not os.path.isfile(info.source):
+            raise ActionError(f"the movie {info.source!r} does not exist",
+                              "Relink the strip's file (Strip > Movie > File) and try again")
+        source, frame_range = info.source, src_range
+    else:
+        folder = S.list_frames(info.source)
+        source, frame_range = info.source, S.folder_range(folder, info.files, src_range)
+    masks: Optional[list[str]] = None
+    if st.mask_mode == "FOLDER":
+        if not st.mask_folder:
+            raise ActionError("no mask folder chosen", "Pick the folder of object masks, or set Masks to None")
+        masks = S.mask_folders(os.path.abspath(bpy.path.abspath(st.mask_folder)))
+    elif st.mask_mode == "MASK":
+        from . import masks as M
+
+        datablocks = [m.mask for m in st.masks if m.mask is not None]
+        if not datablocks:
+            raise ActionError("no Mask datablock chosen", "Add one Mask per object, or set Masks to None")
+        dest = os.path.join(workspace(), "masks", shot_key(strip.name, info.source, src_range))
+        # the backend cuts masks with the same frame range as the clip: blank frames pad
+        # the folder up to the range start
+        masks = M.rasterise(datablocks, info, src_range, source_size(strip, info), dest,
+                            first_index=frame_range[0])
+    ov = dict(overrides or {})
+    s = runtime.connect()
+    token = s.submit(source, masks=masks, frame_range=frame_range, preset=preset or st.preset,
+                     overrides=ov or None, name=strip.name)
+    job = st.jobs.add()
+    job.token, job.kind, job.state = token, "decompose", "submitting"
+    job.label, job.strip_name, job.source = strip.name, strip.name, info.source
+    job.range_start, job.range_stop = src_range
+    job.preset = preset or st.preset
+    job.src_channel, job.src_frame_start = info.channel, info.frame_start
+    job.shot = shot_key(strip.name, info.source, src_range)
+    job.mask_count = len(masks or [])
+    st.active_job = len(st.jobs) - 1
+    runtime.note(f"submitted {strip.name} frames {src_range[0]}-{src_range[1] - 1}")
+    return job
+
+
+# ------------------------------------------------------------------ render
+def edit_images(job: NA_JobItem) -> list[bpy.types.Image]:
+    return images.job_images(job.shot, "edit")
+
+
+def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, ...] = ("png",)) -> NA_JobItem:
+    """Save every dirty edit image first (never reload one), then submit the render."""
+    if job.kind != "decompose" or job.state != "done":
+        raise ActionError(f"{job.label}: the decomposition is {job.state}", "Wait until it is done")
+    edits = edit_images(job)
+    if not edits:
+        raise ActionError("this job has no edit images", "Use Load Atlases first")
+    images.save_dirty(edits)
+    paths = {int(img[images.KEY_LAYER]): os.path.abspath(bpy.path.abspath(img.filepath_raw or img.filepath))
+             for img in edits}
+    for layer, p in paths.items():
+        if not os.path.isfile(p):
+            raise ActionError(f"edit image of layer {layer} was not saved to {p}")
+    s = runtime.connect()
+    token = s.render(job.job_id, paths, formats=formats, name=f"{job.label} edit")
+    st = settings(scene)
+    r = st.jobs.add()
+    r.token, r.kind, r.state, r.parent = token, "render", "submitting", job.job_id
+    r.label, r.strip_name, r.source = f"{job.label} edit", job.strip_name, job.source
+    r.range_start, r.range_stop = job.range_start, job.range_stop
+    r.src_channel, r.src_frame_start, r.shot = job.src_channel, job.src_frame_start, job.shot
+    runtime.note(f"render of {job.label} submitted ({len(paths)} edit images saved)")
+    return r
+
+
+# ------------------------------------------------------------------- apply
+def _find_by_token(token: str) -> tuple[Optional[bpy.types.Scene], Optional[NA_JobItem]]:
+    for sc in bpy.data.scenes:
+        for j in settings(sc).jobs:
+            if token and j.token == token:
+                return sc, j
+    return None, None
+
+
+def _update(job: NA_JobItem, info: dict[str, Any]) -> None:
+    for k in JOB_FIELDS:
+        v = info.get(k)
+        if v is None:
+            if k in ("eta_s",):
+                job.eta_s = -1.0
+            continue
+        try:
+            setattr(job, k, v if not isinstance(v, float) or k != "fraction" else min(1.0, max(0.0, v)))
+        except (TypeError, ValueError):
+            pass
+    if info.get("state") == "done":
+        job.fraction = 1.0
+
+
+def apply(ch: J.Change) -> None:
+    """Reflect one change from the session in the .blend (main thread)."""
+    if ch.kind == "connection":
+        runtime.note(ch.info.get("message", ""))
+        return
+    sc, job = (None, None)
+    if ch.job_id:
+        sc, job = find_job_any(ch.job_id)
+    if job is None and ch.token:
+        sc, job = _find_by_token(ch.token)
+    if job is None or sc is None:
+        if ch.kind == "error":
+            rt = runtime.get()
+            rt.last_error, rt.last_hint = ch.info.get("message", ""), ch.info.get("hint", "")
+        return
+    if ch.kind == "submitted":
+        job.job_id = ch.job_id
+        _update(job, ch.info)
+    elif ch.kind == "error":
+        job.state = "failed" if not job.job_id else job.state
+        job.error, job.hint = ch.info.get("message", ""), ch.info.get("hint", "")
+    elif ch.kind == "job":
+        _update(job, ch.info)
+    elif ch.kind == "finished":
+        _update(job, ch.info)
+        job.state = ch.info.get("state", job.state)
+        if job.state != "done":
+            err = ch.info.get("error") or {}
+            job.error = ch.info.get("message_text") or err.get("message", "") or job.state
+            job.hint = ch.info.get("hint", "")
+            runtime.note(f"{job.label}: {job.state}: {job.error}")
+            return
+        res = ch.info.get("result")
+        if not res:
+            job.error = ch.info.get("message_text", "result unavailable")
+            job.hint = ch.info.get("hint", "")
+            return
+        try:
+            if job.kind == "decompose":
+                load_results(sc, job, res)
+            else:
+                place(sc, job, res)
+            job.error = job.hint = ""
+        except (ActionError, S.StripError, OSError, RuntimeError) as e:
+            job.error = getattr(e, "message", str(e))
+            job.hint = getattr(e, "hint", "")
+            runtime.note(f"{job.label}: {job.error}")
+
+
+def _local_out(job: NA_JobItem, res: dict[str, Any], prefixes: tuple[str, ...]) -> str:
+    """The job's output folder on this machine (downloads it from a remote backend)."""
+    out = str(res.get("out_dir") or "")
+    if out and os.path.isdir(out):
+        return out
+    s = runtime.get().session
+    if s is None or s.client is None:
+        raise ActionError("the job's output folder is not on this machine and there is no connection")
+    dest = os.path.join(workspace(), "downloads", job.job_id)
+    s.client.download_result(job.job_id, dest, prefixes=prefixes)
+    return dest
+
+
+def load_results(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) -> list[bpy.types.Image]:
+    """Atlases as Blender images (explicit colour space) + one transparent edit image each."""
+    atlases = list(res.get("atlases") or [])
+    out = _local_out(job, res, ("atlas/", "report.json"))
+    if not atlases:
+        adir = os.path.join(out, "atlas")
+        atlases = sorted(f"atlas/{n}" for n in os.listdir(adir)) if os.path.isdir(adir) else []
+    atlases = [a for a in atlases if re.search(r"layer_\d+\.png$", a)]
+    if not atlases:
+        raise ActionError("the decomposition wrote no atlas images", "See the backend log")
+    job.out_dir = out
+    report = res.get("report") or {}
+    if isinstance(report, dict) and isinstance(report.get("psnr"), (int, float)):
+        job.psnr = float(report["psnr"])
+    loaded = []
+    for rel in sorted(atlases, key=layer_of):
+        layer = layer_of(rel)
+        a = images.load_atlas(os.path.join(out, rel), job.shot, layer, job.label)
+        images.ensure_edit(job.shot, layer, job.label, (int(a.size[0]), int(a.size[1])),
+                           edit_path(job.shot, layer))
+        loaded.append(a)
+    job.n_layers = len(loaded)
+    job.atlases_loaded = True
+    runtime.note(f"{job.label}: {len(loaded)} atlases loaded; paint on the edit images")
+    return loaded
+
+
+def render_outputs(out: str, res: dict[str, Any]) -> tuple[list[str], Optional[str]]:
+    """(PNG frames in order, movie) of a render's output folder."""
+    outputs = res.get("outputs") or {}
+    frames: list[str] = []
+    movie: Optional[str] = None
+    fl = outputs.get("frames") if isinstance(outputs, dict) else None
+    if isinstance(fl, list) and fl:
+        frames = [f if os.path.isabs(f) else os.path.join(out, f) for f in fl]
+    else:
+        best: list[str] = []
+        for d, _dirs, files in os.walk(out):
+            if os.path.basename(d) in ("atlas", "bake", "checkpoints"):
+                continue
+            pngs = [os.path.join(d, n) for n in S.list_frames(d) if n.lower().endswith(".png")]
+            if len(pngs) > len(best):
+                best = pngs
+        frames = best
+    for d, _dirs, files in os.walk(out):
+        for n in sorted(files):
+            if n.lower().endswith((".mp4", ".mov", ".mkv")):
+                movie = movie or os.path.join(d, n)
+    return frames, movie
+
+
+def place(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) -> bpy.types.Strip:
+    out = _local_out(job, res, ("",))
+    frames, movie = render_outputs(out, res)
+    n = job.range_stop - job.range_start
+    if frames and len(frames) != n:
+        raise ActionError(f"the render has {len(frames)} frames, the decomposed range {n}",
+                          "Render again; if it persists, see the backend log")
+    src = vse.find_strip(scene, job.strip_name)
+    if src is not None and src.type in ("MOVIE", "IMAGE"):
+        info = vse.strip_info(src)
+    else:  # the source strip was renamed or deleted: use what the job recorded
+        info = S.StripInfo(job.strip_name, "MOVIE", job.src_channel, job.src_frame_start,
+                           job.src_frame_start + job.range_start, job.src_frame_start + job.range_stop,
+                           job.range_stop, job.source)
+    strip = vse.place_render(scene, info, (job.range_start, job.range_stop), frames, movie,
+                             decompose_job=job.shot, render_job=job.job_id, name=f"{job.label}")
+    job.render_strip, job.placed, job.out_dir = strip.name, True, out
+    runtime.note(f"{job.label}: placed on channel {strip.channel}, frames "
+                 f"{strip.frame_final_start}-{strip.frame_final_end - 1}")
+    return strip

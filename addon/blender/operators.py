@@ -1,0 +1,347 @@
+"""Operators. They never block the UI: submissions return at once and the timer
+poller applies results. ``wait=True`` (batch scripts, tests) drives the job to the
+end with the blocking loop instead, only allowed in background mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Optional
+
+import bpy
+from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
+
+from ..core import jobs as J
+from ..core import strips as S
+from . import actions, images, launcher, paint, runtime, vse
+from .props import NA_JobItem, find_job, settings
+
+
+def _job(context: bpy.types.Context, job_id: str) -> Optional[NA_JobItem]:
+    scene = vse.sequencer_scene(context)
+    if job_id:
+        return find_job(scene, job_id)
+    st = settings(scene)
+    if 0 <= st.active_job < len(st.jobs):
+        return st.jobs[st.active_job]  # type: ignore[no-any-return]
+    return None
+
+
+def _fail(op: bpy.types.Operator, message: str, hint: str = "") -> set[str]:
+    op.report({"ERROR"}, message + (f". {hint}" if hint else ""))
+    rt = runtime.get()
+    rt.last_error, rt.last_hint = message, hint
+    return {"CANCELLED"}
+
+
+def _wait(op: bpy.types.Operator, job: NA_JobItem, timeout: float) -> set[str]:
+    if not bpy.app.background:
+        return _fail(op, "waiting blocks the interface; it is only for background mode")
+    try:
+        if not job.job_id:
+            job.job_id = runtime.wait_submitted(job.token, timeout=60.0)
+        runtime.wait(job.job_id, timeout=timeout or None)
+    except J.SessionError as e:
+        return _fail(op, e.message, e.hint)
+    if job.state != "done" or job.error:
+        return _fail(op, f"{job.label}: {job.state}: {job.error}", job.hint)
+    return {"FINISHED"}
+
+
+class NA_OT_connect(bpy.types.Operator):
+    """Connect to the backend (starting the local one when enabled) and show its device"""
+
+    bl_idname = "neural_atlas.connect"
+    bl_label = "Connect to Backend"
+
+    wait: BoolProperty(default=False, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        rt = runtime.get()
+        rt.last_error = rt.last_hint = ""
+        try:
+            s = runtime.connect(context)
+        except (J.SessionError, launcher.LaunchError) as e:
+            return _fail(self, getattr(e, "message", str(e)), getattr(e, "hint", ""))
+        if self.wait:
+            req = s._hello_req
+            while req is not None and not req.done:
+                for ch in s.pump(256):
+                    actions.apply(ch)
+                s.client.poll(0.1)
+            for ch in s.pump(256):
+                actions.apply(ch)
+            if s.conn.state != "connected":
+                return _fail(self, s.conn.message, s.conn.hint)
+        return {"FINISHED"}
+
+
+class NA_OT_backend_start(bpy.types.Operator):
+    """Start the local backend with the interpreter and arguments from the preferences"""
+
+    bl_idname = "neural_atlas.backend_start"
+    bl_label = "Start Backend"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            b = runtime.start_backend(context)
+        except launcher.LaunchError as e:
+            return _fail(self, str(e))
+        runtime.session(context).connect()
+        self.report({"INFO"}, f"Backend started (pid {b.pid}); log: {b.log_path}")
+        return {"FINISHED"}
+
+
+class NA_OT_backend_stop(bpy.types.Operator):
+    """Stop the local backend started by this Blender (its jobs resume on the next start)"""
+
+    bl_idname = "neural_atlas.backend_stop"
+    bl_label = "Stop Backend"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        code = runtime.stop_backend()
+        self.report({"INFO"}, "No local backend running" if code is None else f"Backend stopped ({code})")
+        return {"FINISHED"}
+
+
+class NA_OT_decompose(bpy.types.Operator):
+    """Decompose the active movie or image strip into layered atlases on the backend"""
+
+    bl_idname = "neural_atlas.decompose"
+    bl_label = "Decompose"
+
+    strip: StringProperty(name="Strip", description="Strip name (default: the active strip)",  # type: ignore[valid-type]
+                          options={"SKIP_SAVE"})
+    preset: StringProperty(name="Preset", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    overrides: StringProperty(name="Overrides", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    wait: BoolProperty(default=False, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    timeout: FloatProperty(default=0.0, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return vse.sequencer_scene(context).sequence_editor is not None
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        strip = vse.find_strip(scene, self.strip) if self.strip else vse.active_strip(scene)
+        if strip is None:
+            return _fail(self, "No movie or image strip selected",
+                         "Click a movie or image-sequence strip in the sequencer")
+        try:
+            ov = actions.parse_overrides(self.overrides or settings(scene).overrides)
+            job = actions.decompose(scene, strip, preset=self.preset or None, overrides=ov)
+        except actions.ActionError as e:
+            return _fail(self, e.message, e.hint)
+        except S.StripError as e:
+            return _fail(self, str(e))
+        except (J.SessionError, launcher.LaunchError) as e:
+            return _fail(self, getattr(e, "message", str(e)), getattr(e, "hint", ""))
+        if self.wait:
+            return _wait(self, job, self.timeout)
+        self.report({"INFO"}, f"Decomposing {strip.name}")
+        return {"FINISHED"}
+
+
+class NA_OT_wait(bpy.types.Operator):
+    """Block until a job finishes (background mode only: batch scripts)"""
+
+    bl_idname = "neural_atlas.wait"
+    bl_label = "Wait for Job"
+
+    job_id: StringProperty(options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    timeout: FloatProperty(default=0.0, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _job(context, self.job_id)
+        if job is None:
+            return _fail(self, "no such job")
+        return _wait(self, job, self.timeout)
+
+
+class NA_OT_cancel(bpy.types.Operator):
+    """Cancel the job on the backend (stops the GPU work; a checkpoint is kept)"""
+
+    bl_idname = "neural_atlas.cancel"
+    bl_label = "Cancel"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _job(context, self.job_id)
+        if job is None or not job.job_id:
+            return _fail(self, "the job has no id yet; try again in a moment")
+        try:
+            runtime.session(context).cancel(job.job_id)
+        except J.SessionError as e:
+            return _fail(self, e.message, e.hint)
+        job.state = "cancelling"
+        runtime.ensure_timer()
+        return {"FINISHED"}
+
+
+class NA_OT_remove_job(bpy.types.Operator):
+    """Remove the job from this list (and its files on the backend when asked)"""
+
+    bl_idname = "neural_atlas.remove_job"
+    bl_label = "Remove Job"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    delete_on_backend: BoolProperty(name="Delete its files on the backend", default=False)  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        st = settings(scene)
+        for i, j in enumerate(st.jobs):
+            if j.job_id == self.job_id or (not self.job_id and i == st.active_job):
+                if self.delete_on_backend and j.job_id:
+                    try:
+                        runtime.session(context).delete(j.job_id)
+                    except J.SessionError as e:
+                        self.report({"WARNING"}, e.message)
+                st.jobs.remove(i)
+                st.active_job = min(st.active_job, len(st.jobs) - 1)
+                return {"FINISHED"}
+        return {"CANCELLED"}
+
+
+class NA_OT_load_atlases(bpy.types.Operator):
+    """(Re)load the atlases of a finished decomposition and create its edit images"""
+
+    bl_idname = "neural_atlas.load_atlases"
+    bl_label = "Load Atlases"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _job(context, self.job_id)
+        if job is None or job.state != "done":
+            return _fail(self, "the decomposition is not finished")
+        try:
+            if job.out_dir and os.path.isdir(job.out_dir):
+                actions.load_results(vse.sequencer_scene(context), job, {"out_dir": job.out_dir})
+            else:
+                job.atlases_loaded = False
+                runtime.session(context).attach([job.job_id])
+                runtime.ensure_timer()
+        except (actions.ActionError, J.SessionError) as e:
+            return _fail(self, e.message, e.hint)
+        return {"FINISHED"}
+
+
+class NA_OT_paint_setup(bpy.types.Operator):
+    """Paint on this layer: the Image Editor in Paint mode on the edit image, the atlas under it"""
+
+    bl_idname = "neural_atlas.paint_setup"
+    bl_label = "Paint Layer"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    layer: IntProperty(default=0, min=0)  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _job(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        atl = images.job_images(job.shot, "atlas")
+        eds = images.job_images(job.shot, "edit")
+        if self.layer >= min(len(atl), len(eds)):
+            return _fail(self, f"layer {self.layer} does not exist (the job has {len(eds)} layers)")
+        done = paint.setup(context, vse.sequencer_scene(context), job.label, atl, eds, self.layer)
+        if not done["image_editor"] and not bpy.app.background:
+            self.report({"INFO"}, "Open an Image Editor (or the Texture Paint workspace) to paint "
+                                  f"'{eds[self.layer].name}'")
+        return {"FINISHED"}
+
+
+class NA_OT_save_edits(bpy.types.Operator):
+    """Save every modified edit image to its file"""
+
+    bl_idname = "neural_atlas.save_edits"
+    bl_label = "Save Edits"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        eds = [i for i in bpy.data.images if i.get(images.KEY_ROLE) == "edit"]
+        saved = images.save_dirty(eds)
+        self.report({"INFO"}, f"Saved {len(saved)} edit image(s)")
+        return {"FINISHED"}
+
+
+class NA_OT_render_edit(bpy.types.Operator):
+    """Save the edit images, re-render the shot with them and place it in the VSE above the source"""
+
+    bl_idname = "neural_atlas.render_edit"
+    bl_label = "Render Edit"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    movie: BoolProperty(name="Also write a movie", default=False)  # type: ignore[valid-type]
+    wait: BoolProperty(default=False, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    timeout: FloatProperty(default=0.0, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _job(context, self.job_id)
+        if job is not None and job.kind == "render":
+            _sc, parent = (None, find_job(vse.sequencer_scene(context), job.parent))
+            job = parent
+        if job is None:
+            return _fail(self, "no decomposition selected")
+        try:
+            r = actions.render_edit(vse.sequencer_scene(context), job,
+                                    formats=("png", "mp4") if self.movie else ("png",))
+        except actions.ActionError as e:
+            return _fail(self, e.message, e.hint)
+        except J.SessionError as e:
+            return _fail(self, e.message, e.hint)
+        if self.wait:
+            return _wait(self, r, self.timeout)
+        return {"FINISHED"}
+
+
+class NA_OT_open_log(bpy.types.Operator):
+    """Open the backend's log file"""
+
+    bl_idname = "neural_atlas.open_log"
+    bl_label = "Open Backend Log"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        from .prefs import prefs
+
+        path = prefs(context).log_path()
+        if not os.path.isfile(path):
+            return _fail(self, f"no log yet at {path}")
+        if sys.platform == "win32":
+            os.startfile(path)  # type: ignore[attr-defined]
+        else:
+            subprocess.Popen(["open" if sys.platform == "darwin" else "xdg-open", path])
+        return {"FINISHED"}
+
+
+class NA_OT_mask_add(bpy.types.Operator):
+    """Add a Mask datablock slot (one per object, in layer order)"""
+
+    bl_idname = "neural_atlas.mask_add"
+    bl_label = "Add Mask"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        st = settings(vse.sequencer_scene(context))
+        item = st.masks.add()
+        if bpy.data.masks and len(st.masks) <= len(bpy.data.masks):
+            item.mask = bpy.data.masks[len(st.masks) - 1]
+        return {"FINISHED"}
+
+
+class NA_OT_mask_remove(bpy.types.Operator):
+    """Remove the last Mask slot"""
+
+    bl_idname = "neural_atlas.mask_remove"
+    bl_label = "Remove Mask"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        st = settings(vse.sequencer_scene(context))
+        if len(st.masks):
+            st.masks.remove(len(st.masks) - 1)
+        return {"FINISHED"}
+
+
+CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_wait,
+           NA_OT_cancel, NA_OT_remove_job, NA_OT_load_atlases, NA_OT_paint_setup, NA_OT_save_edits,
+           NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove)

@@ -1,0 +1,106 @@
+"""Per-scene settings and job records (saved with the .blend so jobs re-attach)."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
+                       PointerProperty, StringProperty)
+
+from .prefs import PRESET_ITEMS
+
+MASK_MODES = [
+    ("NONE", "None", "No object masks: the shot is decomposed into background layers only"),
+    ("FOLDER", "Mask folders", "A folder of per-object mask image sequences (one sub-folder per "
+                               "object, sorted by name), or one object's folder"),
+    ("MASK", "Blender masks", "Mask datablocks, one per object, rasterised per frame"),
+]
+
+
+class NA_MaskItem(bpy.types.PropertyGroup):
+    mask: PointerProperty(type=bpy.types.Mask, name="Mask")  # type: ignore[valid-type]
+
+
+class NA_JobItem(bpy.types.PropertyGroup):
+    job_id: StringProperty(name="Job")  # type: ignore[valid-type]
+    token: StringProperty()  # type: ignore[valid-type]
+    kind: StringProperty(default="decompose")  # type: ignore[valid-type]
+    label: StringProperty(name="Label")  # type: ignore[valid-type]
+    state: StringProperty(default="queued")  # type: ignore[valid-type]
+    phase: StringProperty()  # type: ignore[valid-type]
+    fraction: FloatProperty(min=0.0, max=1.0, subtype="FACTOR")  # type: ignore[valid-type]
+    eta_s: FloatProperty(default=-1.0)  # type: ignore[valid-type]
+    psnr: FloatProperty(default=0.0)  # type: ignore[valid-type]
+    iteration: IntProperty()  # type: ignore[valid-type]
+    iterations: IntProperty()  # type: ignore[valid-type]
+    message: StringProperty()  # type: ignore[valid-type]
+    error: StringProperty()  # type: ignore[valid-type]
+    hint: StringProperty()  # type: ignore[valid-type]
+    # what was decomposed
+    strip_name: StringProperty()  # type: ignore[valid-type]
+    source: StringProperty(subtype="FILE_PATH")  # type: ignore[valid-type]
+    range_start: IntProperty()  # type: ignore[valid-type]
+    range_stop: IntProperty()  # type: ignore[valid-type]
+    preset: StringProperty()  # type: ignore[valid-type]
+    out_dir: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
+    n_layers: IntProperty()  # type: ignore[valid-type]
+    atlases_loaded: BoolProperty()  # type: ignore[valid-type]
+    shot: StringProperty()  # type: ignore[valid-type]
+    src_channel: IntProperty()  # type: ignore[valid-type]
+    src_frame_start: IntProperty()  # type: ignore[valid-type]
+    mask_count: IntProperty()  # type: ignore[valid-type]
+    # a render job: its decomposition and the strip it produced
+    parent: StringProperty()  # type: ignore[valid-type]
+    render_strip: StringProperty()  # type: ignore[valid-type]
+    placed: BoolProperty()  # type: ignore[valid-type]
+
+
+class NA_SceneSettings(bpy.types.PropertyGroup):
+    preset: EnumProperty(name="Preset", items=PRESET_ITEMS, default="demo")  # type: ignore[valid-type]
+    n_layers: IntProperty(  # type: ignore[valid-type]
+        name="Layers", default=2, min=1, max=8,
+        description="Number of layers. With masks it is the number of objects + 1 (background)")
+    mask_mode: EnumProperty(name="Masks", items=MASK_MODES, default="NONE")  # type: ignore[valid-type]
+    mask_folder: StringProperty(name="Mask folder", subtype="DIR_PATH")  # type: ignore[valid-type]
+    masks: CollectionProperty(type=NA_MaskItem)  # type: ignore[valid-type]
+    use_scene_range: BoolProperty(  # type: ignore[valid-type]
+        name="Scene frame range", default=False,
+        description="Decompose only the part of the strip inside the scene's frame range")
+    overrides: StringProperty(  # type: ignore[valid-type]
+        name="Overrides",
+        description='Advanced: configuration overrides as JSON or TOML, e.g. {"train": {"iterations": 500}}')
+    max_frames: IntProperty(  # type: ignore[valid-type]
+        name="Max frames", default=0, min=0,
+        description="Decompose at most this many frames from the start of the range (0: no limit)")
+    jobs: CollectionProperty(type=NA_JobItem)  # type: ignore[valid-type]
+    active_job: IntProperty(default=0)  # type: ignore[valid-type]
+
+
+CLASSES = (NA_MaskItem, NA_JobItem, NA_SceneSettings)
+
+
+def register() -> None:
+    bpy.types.Scene.neural_atlas = PointerProperty(type=NA_SceneSettings)  # type: ignore[attr-defined]
+
+
+def unregister() -> None:
+    if hasattr(bpy.types.Scene, "neural_atlas"):
+        del bpy.types.Scene.neural_atlas  # type: ignore[attr-defined]
+
+
+def settings(scene: bpy.types.Scene) -> NA_SceneSettings:
+    return scene.neural_atlas  # type: ignore[attr-defined, no-any-return]
+
+
+def find_job(scene: bpy.types.Scene, job_id: str) -> NA_JobItem | None:
+    for j in settings(scene).jobs:
+        if j.job_id == job_id:
+            return j  # type: ignore[no-any-return]
+    return None
+
+
+def find_job_any(job_id: str) -> tuple[bpy.types.Scene, NA_JobItem] | tuple[None, None]:
+    for sc in bpy.data.scenes:
+        j = find_job(sc, job_id)
+        if j is not None:
+            return sc, j
+    return None, None
