@@ -36,24 +36,26 @@ frames is the same shot as the 128x72 clip of 24 frames, only sampled more
 finely in space and time. The texture content is defined in the same units,
 as noise octaves with wavelengths from 1.12 U down to 0.009 U; each size renders
 only the octaves of at least 5 output pixels (0.07 U and up at U = 72, all of
-them at U = 1080), i.e. the texture is band-limited to the output resolution
-and a larger clip shows the same picture with finer grain. The default 128x72,
-24-frame clip pans about 1.9 px per frame and moves the object about 1.6 px per
-frame.
+them at U = 1080), and the soft edges of the discs in the textures span 3
+output pixels: the texture is band-limited to the output resolution, so a
+larger clip shows the same picture with finer grain. The default 128x72,
+24-frame clip pans about 2 px per frame and moves the object about 1.7 px per
+frame while it turns 30 degrees and grows 20 %.
 
 Rendering
 ---------
 Textures are rasterised once per layer from cubic B-spline noise at 10 texels
 per wavelength of the finest rendered octave (at most 2 texels per frame pixel
 and 4096 texels on the long side), so they are band-limited well below the
-pixel Nyquist rate and bilinear sampling is accurate. Frames sample them with ``cv2.warpAffine`` (bilinear; OpenCV
-quantises interpolation weights to 1/32 texel, an error far below 1e-3 on
-these smooth textures). Object edges are anti-aliased with an analytic
-coverage ``clip(0.5 - d, 0, 1)`` from the signed distance ``d`` (pixels) of the
-pixel centre to the outline; the masks are crisp: ``coverage >= 0.5``, i.e. the
-pixel centre lies inside the outline, and each object's mask is its *visible*
-part (what a segmenter would give), so an object hidden behind a front object
-is not in its mask there.
+pixel Nyquist rate and bilinear sampling is accurate. Frames sample them with
+``cv2.warpAffine`` (bilinear; OpenCV quantises interpolation weights to 1/32
+texel, an error of about 1e-5 on these smooth textures). ``tex_coords`` are
+float32 (about 1e-4 texel at 1080p); ``project``/``unproject`` work in float64.
+Object edges are anti-aliased with an analytic coverage ``clip(0.5 - d, 0, 1)``
+from the signed distance ``d`` (pixels) of the pixel centre to the outline; the
+masks are crisp: ``coverage >= 0.5``, i.e. the pixel centre lies inside the
+outline, and each object's mask is its *visible* part (what a segmenter would
+give), so an object hidden behind a front object is not in its mask there.
 
 Lighting
 --------
@@ -229,7 +231,8 @@ class SyntheticScene:
         return xy, self.visible(layer, xy, t, margin)
 
     def gain(self, layer: int, image_xy: np.ndarray, t) -> np.ndarray:
-        """(N,) illumination gain of ``layer`` at image points of frame(s) ``t`` (1 without lighting).
+        """(N,) illumination gain of ``layer`` at image points of frame(s) ``t`` (1 without
+        lighting).
 
         Where ``layer`` is seen (away from anti-aliased edges), the frame is
         ``texture_k(tex point) * gain``.
@@ -275,7 +278,8 @@ class SyntheticScene:
         np.savez(root / _GT_FILE, params=np.array(json.dumps(self.params)),
                  transforms=self.transforms, texture_origins=self._origins,
                  texels_per_unit=self._tpu, shapes=self._shapes, object_gain=self._object_gain,
-                 background_light=self._background_light, frame_names=np.array(self.clip.frame_names),
+                 background_light=self._background_light,
+                 frame_names=np.array(self.clip.frame_names),
                  **arrays)
         return root
 
@@ -341,14 +345,16 @@ def make_synthetic_clip(width: int = 128, height: int = 72, n_frames: int = 24, 
     textures, transforms, origins, tpus = [], [], [], []
     for layer in layers:
         finest = min(lam for lam in _OCTAVES if lam * unit >= _MIN_WAVELENGTH_PX)
-        tpu = min(_TEXELS_PER_WAVELENGTH / finest, _MAX_DENSITY * unit, _MAX_TEXELS / max(layer.size))
+        tpu = min(_TEXELS_PER_WAVELENGTH / finest, _MAX_DENSITY * unit,
+                  _MAX_TEXELS / max(layer.size))
         shape = np.maximum(np.ceil(layer.size * tpu).astype(int), 2)  # (w, h) texels
         origin = layer.low + 0.5 / tpu  # layer-local position of texel (0, 0)
         textures.append(_render_texture(layer.painter, origin, tpu, shape, unit))
         # image = centre + unit * (offset + scale * rot @ local), local = origin + q / tpu
         lin = (unit * layer.scale / tpu)[:, None, None] * _rotation(layer.angle)
+        rot = _rotation(layer.angle)
         trans = (centre + unit * layer.offset
-                 + unit * layer.scale[:, None] * np.einsum("fij,j->fi", _rotation(layer.angle), origin))
+                 + unit * layer.scale[:, None] * np.einsum("fij,j->fi", rot, origin))
         transforms.append(np.concatenate([lin, trans[..., None]], -1))
         origins.append(origin)
         tpus.append(tpu)
@@ -409,7 +415,8 @@ def _background_layer(seed: int, p: dict, half_frame: np.ndarray, tau: np.ndarra
     cam, z, roll = camera(tau)
     # image = centre + U * z * R(roll) (w - cam)
     offset = -z[:, None] * np.einsum("fij,fj->fi", _rotation(roll), cam)
-    return _Layer(offset, z, roll, low, size, _BackgroundPainter(_rng(seed, "bg-texture"), low, size))
+    painter = _BackgroundPainter(_rng(seed, "bg-texture"), low, size)
+    return _Layer(offset, z, roll, low, size, painter)
 
 
 def _object_layer(seed: int, k: int, n_objects: int, p: dict, half_frame: np.ndarray,
@@ -630,7 +637,8 @@ class _BackgroundPainter:
         values = rng.permutation([0.3, 0.5, 0.65]) + rng.uniform(0, 0.15, 3)  # dark/mid/light
         palette = [_hsv(base_hue + rng.uniform(-0.1, 0.1), rng.uniform(0.25, 0.6), v)
                    for v in values]
-        palette.append(_hsv(rng.uniform(0.05, 0.12), rng.uniform(0.2, 0.45), rng.uniform(0.35, 0.6)))
+        palette.append(_hsv(rng.uniform(0.05, 0.12), rng.uniform(0.2, 0.45),
+                            rng.uniform(0.35, 0.6)))
         mix1 = _smoothstep(0.5 + 0.6 * canvas.noise(rng, low, size, _OCTAVES[5:], 0.8))
         mix2 = _smoothstep(0.5 + 0.6 * canvas.noise(rng, low, size, _OCTAVES[4:], 0.8))
         detail = canvas.noise(rng, low, size, _OCTAVES, 0.35)
@@ -654,14 +662,18 @@ class _ObjectPainter:
     rotation), small dark/bright spots and luminance detail; distinct from the background."""
 
     def __init__(self, rng: np.random.Generator, extent: float) -> None:
-        self.rng, self.low, self.size = rng, np.array([-extent, -extent]), np.array([2 * extent] * 2)
+        self.rng = rng
+        self.low, self.size = np.array([-extent, -extent]), np.array([2 * extent, 2 * extent])
 
     def __call__(self, canvas: _Canvas) -> np.ndarray:
         rng, low, size = self.rng, self.low, self.size
         hue = rng.uniform(-0.05, 0.12)  # reds, oranges, magentas
-        palette = [_hsv(hue + rng.uniform(-0.04, 0.04), rng.uniform(0.6, 0.9), rng.uniform(0.65, 0.9)),
-                   _hsv(hue + rng.uniform(-0.08, 0.08), rng.uniform(0.5, 0.85), rng.uniform(0.4, 0.6)),
-                   _hsv(hue + 0.5 + rng.uniform(-0.1, 0.1), rng.uniform(0.3, 0.6), rng.uniform(0.75, 0.9))]
+        palette = [_hsv(hue + rng.uniform(-0.04, 0.04), rng.uniform(0.6, 0.9),
+                        rng.uniform(0.65, 0.9)),
+                   _hsv(hue + rng.uniform(-0.08, 0.08), rng.uniform(0.5, 0.85),
+                        rng.uniform(0.4, 0.6)),
+                   _hsv(hue + 0.5 + rng.uniform(-0.1, 0.1), rng.uniform(0.3, 0.6),
+                        rng.uniform(0.75, 0.9))]
         mix = _smoothstep(0.5 + 0.6 * canvas.noise(rng, low, size, _OCTAVES[4:7], 0.8))[..., None]
         warp = canvas.noise(rng, low, size, _OCTAVES[5:7], 0.8)
         detail = canvas.noise(rng, low, size, _OCTAVES, 0.35)

@@ -46,7 +46,8 @@ def mark_drift(original_frames: np.ndarray, edited_frames: np.ndarray, expected_
     original = np.asarray(original_frames, np.float32)
     edited = np.asarray(edited_frames, np.float32)
     if original.shape != edited.shape or original.ndim != 4:
-        raise ValueError(f"frames must both be (F, H, W, C), got {original.shape} and {edited.shape}")
+        raise ValueError(f"frames must both be (F, H, W, C), got {original.shape} and "
+                         f"{edited.shape}")
     n, h, w = original.shape[:3]
     expected = np.asarray(expected_xy, np.float64).reshape(n, 2)
     seen = np.ones(n, bool) if visible is None else np.asarray(visible, bool).reshape(n)
