@@ -132,6 +132,11 @@ def _id_check(v: str) -> str:
     return ""
 
 
+def valid_id(v: Any) -> bool:
+    """A message, job or upload id: 1-64 characters of [A-Za-z0-9_-]."""
+    return isinstance(v, str) and not _id_check(v)
+
+
 def _path_check(v: str) -> str:
     if not v or len(v) > MAX_PATH_LEN or "\x00" in v:
         return f"must be a non-empty path of at most {MAX_PATH_LEN} characters"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Sequence
 
+from . import protocol as P
 from .protocol import (CLOCK_EXEMPT, MAGIC, MAX_BLOB_BYTES, MAX_BLOBS, MAX_HEADER_BYTES,
                        REPLAY_WINDOW_S, SIGNATURE_BYTES, Message, ProtocolError, pack,
                        parse_header, unpack_header)
@@ -78,7 +79,7 @@ class Codec:
         try:
             h = unpack_header(bytes(hbytes))
             mid, kd = h.get("id"), h.get("kind")
-            msg_id = mid if isinstance(mid, str) and 0 < len(mid) <= 64 else None
+            msg_id = mid if P.valid_id(mid) else None  # echoed in the reply: must be clean
             kind = kd if isinstance(kd, str) and 0 < len(kd) <= 64 else None
             msg = parse_header(h, [bytes(b) for b in blobs])
         except ProtocolError as e:
