@@ -48,8 +48,10 @@ Textures are rasterised once per layer from cubic B-spline noise at 10 texels
 per wavelength of the finest rendered octave (at most 2 texels per frame pixel
 and 4096 texels on the long side), so they are band-limited well below the
 pixel Nyquist rate and bilinear sampling is accurate. Frames sample them with
-``cv2.warpAffine`` (bilinear; OpenCV quantises interpolation weights to 1/32
-texel, an error of about 1e-5 on these smooth textures). ``tex_coords`` are
+``cv2.warpAffine`` (bilinear). OpenCV 4.x quantises its interpolation weights
+to 1/32 texel, so a frame differs from an exact bilinear sample of its texture by
+up to ~6e-3 (mean ~2e-4, largest at disc edges); OpenCV 5 measured ~1e-5. The
+geometry (``tex_coords``, ``project``, masks) is exact either way. ``tex_coords`` are
 float32 (about 1e-4 texel at 1080p); ``project``/``unproject`` work in float64.
 Object edges are anti-aliased with an analytic coverage ``clip(0.5 - d, 0, 1)``
 from the signed distance ``d`` (pixels) of the pixel centre to the outline; the
@@ -263,8 +265,20 @@ class SyntheticScene:
     def write(self, folder: PathLike) -> Path:
         """Write the seed layout (``video_frames/%05d.png``, ``masks/object<k>/%05d.png``, 8-bit)
         and ``ground_truth.npz`` (transforms, textures, outline and lighting parameters and the
-        generation arguments). ``load(folder)`` reads it back. Returns the folder."""
+        generation arguments). ``load(folder)`` reads it back. Returns the folder.
+
+        Rewriting a folder is allowed, but a PNG there that this clip would not overwrite
+        (say, from a longer clip) raises ``FileExistsError``: the folder would no longer be
+        one clip.
+        """
         root = Path(folder)
+        ours = set(self.clip.frame_names)
+        for sub in [root / "video_frames", *sorted((root / "masks").glob("*"))]:
+            mine = sub.name == "video_frames" or sub.name in self.clip.mask_names
+            stale = sorted(p.name for p in sub.glob("*.png") if not mine or p.name not in ours)
+            if stale:
+                raise FileExistsError(f"{sub} holds frames of another clip ({stale[0]}, ...): "
+                                      "write the synthetic clip to an empty folder")
         (root / "video_frames").mkdir(parents=True, exist_ok=True)
         for name in self.clip.mask_names:
             (root / "masks" / name).mkdir(parents=True, exist_ok=True)
@@ -568,7 +582,7 @@ class _Canvas:
     """A texture raster and the layer-local coordinates (units of U) of its texels."""
 
     def __init__(self, origin: np.ndarray, tpu: float, shape: np.ndarray, unit: float) -> None:
-        self.origin, self.tpu, self.unit = origin, tpu, unit
+        self.unit = unit
         self.w, self.h = int(shape[0]), int(shape[1])
         self.x = origin[0] + np.arange(self.w) / tpu
         self.y = origin[1] + np.arange(self.h) / tpu

@@ -112,7 +112,9 @@ def test_frames_are_the_textures_seen_through_the_ground_truth(scene, two_object
                 assert seen.sum() > 50
                 tex = sc.tex_coords[k][t].reshape(-1, 2)[seen].astype(np.float64)
                 want = bilinear(sc.textures[k], tex) * sc.gain(k, grid[seen], t)[:, None]
-                assert np.abs(frame[seen] - want).max() < 5e-4
+                error = np.abs(frame[seen] - want)
+                # OpenCV 4.x quantises warp weights to 1/32 texel (up to ~6e-3); 5.x: ~1e-5
+                assert error.max() < 1e-2 and error.mean() < 5e-4
 
 
 def test_ground_truth_correspondences_warp_frame_to_frame(scene):
@@ -187,6 +189,9 @@ def test_write_and_load_round_trip(scene, tmp_path):
     grid = pixel_grid(72, 128)
     assert np.array_equal(back.visible(0, grid, 9, margin=1), scene.visible(0, grid, 9, margin=1))
     assert np.array_equal(back.gain(1, grid, 9), scene.gain(1, grid, 9))
+    scene.write(tmp_path / "clip")  # rewriting the same clip is fine
+    with pytest.raises(FileExistsError):
+        make_synthetic_clip(n_frames=3).write(tmp_path / "clip")  # would leave 21 stale frames
 
 
 def test_rejects_bad_arguments():
