@@ -261,6 +261,24 @@ def _load_points(x_ptr, offs, pmask, D: tl.constexpr):
     return x0, x1, x2, x3
 
 
+@triton.jit
+def _fwd_range(x0, x1, x2, x3, offs, m2, B, table_ptr, out_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
+               LO: tl.constexpr, HI: tl.constexpr, UNROLL: tl.constexpr, HASHED: tl.constexpr,
+               BLOCK: tl.constexpr, D: tl.constexpr, F: tl.constexpr, L: tl.constexpr,
+               OUT_LM: tl.constexpr, POS_F64: tl.constexpr):
+    """Levels LO..HI-1 of one block of points (all of one kind)."""
+    if UNROLL:
+        for l in tl.static_range(LO, HI):
+            acc = _fwd_level(x0, x1, x2, x3, l, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
+                             BLOCK, D, F, HASHED, POS_F64)
+            _store_level(out_ptr, acc, offs, m2, l, B, L, F, OUT_LM)
+    else:
+        for l in range(LO, HI):
+            acc = _fwd_level(x0, x1, x2, x3, l, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
+                             BLOCK, D, F, HASHED, POS_F64)
+            _store_level(out_ptr, acc, offs, m2, l, B, L, F, OUT_LM)
+
+
 @triton.jit(do_not_specialize=["B", "n_blocks"])
 def _hashgrid_fwd_kernel(x_ptr, table_ptr, out_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
                          B, n_blocks,
@@ -285,24 +303,10 @@ def _hashgrid_fwd_kernel(x_ptr, table_ptr, out_ptr, scale_ptr, res_ptr, size_ptr
     m2 = pmask[:, None] & (fo[None, :] < F)
     x0, x1, x2, x3 = _load_points(x_ptr, offs, pmask, D)
     if MODE == 0:
-        if UNROLL:
-            for l in tl.static_range(N_DENSE):
-                acc = _fwd_level(x0, x1, x2, x3, l, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                 BLOCK, D, F, False, POS_F64)
-                _store_level(out_ptr, acc, offs, m2, l, B, L, F, OUT_LM)
-            for l in tl.static_range(N_DENSE, L):
-                acc = _fwd_level(x0, x1, x2, x3, l, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                 BLOCK, D, F, True, POS_F64)
-                _store_level(out_ptr, acc, offs, m2, l, B, L, F, OUT_LM)
-        else:
-            for l in range(N_DENSE):
-                acc = _fwd_level(x0, x1, x2, x3, l, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                 BLOCK, D, F, False, POS_F64)
-                _store_level(out_ptr, acc, offs, m2, l, B, L, F, OUT_LM)
-            for l in range(N_DENSE, L):
-                acc = _fwd_level(x0, x1, x2, x3, l, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                 BLOCK, D, F, True, POS_F64)
-                _store_level(out_ptr, acc, offs, m2, l, B, L, F, OUT_LM)
+        _fwd_range(x0, x1, x2, x3, offs, m2, B, table_ptr, out_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
+                   0, N_DENSE, UNROLL, False, BLOCK, D, F, L, OUT_LM, POS_F64)
+        _fwd_range(x0, x1, x2, x3, offs, m2, B, table_ptr, out_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
+                   N_DENSE, L, UNROLL, True, BLOCK, D, F, L, OUT_LM, POS_F64)
     else:
         if lvl < N_DENSE:
             acc = _fwd_level(x0, x1, x2, x3, lvl, table_ptr, scale_ptr, res_ptr, size_ptr, offset_ptr,
@@ -348,13 +352,44 @@ def _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
     return s0 * scale, s1 * scale, s2 * scale, s3 * scale
 
 
+@triton.jit
+def _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr, gout_ptr,
+               scale_ptr, res_ptr, size_ptr, offset_ptr,
+               LO: tl.constexpr, HI: tl.constexpr, UNROLL: tl.constexpr, HASHED: tl.constexpr,
+               BLOCK: tl.constexpr, D: tl.constexpr, F: tl.constexpr, L: tl.constexpr,
+               TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr, POS_F64: tl.constexpr):
+    """Levels LO..HI-1 of one block of points; returns the running input gradient."""
+    if UNROLL:
+        for l in tl.static_range(LO, HI):
+            t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
+                                        scale_ptr, res_ptr, size_ptr, offset_ptr,
+                                        BLOCK, D, F, L, HASHED, TABLE_GRAD, INPUT_GRAD, POS_F64)
+            g0 += t0
+            g1 += t1
+            g2 += t2
+            g3 += t3
+    else:
+        for l in range(LO, HI):
+            t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
+                                        scale_ptr, res_ptr, size_ptr, offset_ptr,
+                                        BLOCK, D, F, L, HASHED, TABLE_GRAD, INPUT_GRAD, POS_F64)
+            g0 += t0
+            g1 += t1
+            g2 += t2
+            g3 += t3
+    return g0, g1, g2, g3
+
+
 @triton.jit(do_not_specialize=["B", "n_blocks"])
-def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gout_ptr, gx_ptr,
+def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gpriv_ptr, gout_ptr, gx_ptr,
                          scale_ptr, res_ptr, size_ptr, offset_ptr, B, n_blocks,
                          D: tl.constexpr, F: tl.constexpr, L: tl.constexpr, N_DENSE: tl.constexpr,
+                         N_PRIV: tl.constexpr, E_PRIV: tl.constexpr, REPLICAS: tl.constexpr,
                          BLOCK: tl.constexpr, MODE: tl.constexpr, UNROLL: tl.constexpr,
                          TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr, POS_F64: tl.constexpr):
-    # MODE 0: program = block of points, loop over levels, dx accumulated in registers
+    # MODE 0: program = block of points, loop over levels, dx accumulated in registers;
+    #         the first N_PRIV (small, dense) levels scatter into one of REPLICAS private
+    #         copies of their E_PRIV table rows (fewer same-address atomics), summed after.
     # MODE 2: program = (block, level), level slowest; dx per level into a (L, B, D) scratch
     pid = tl.program_id(0)
     if MODE == 0:
@@ -373,40 +408,17 @@ def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gout_ptr, gx_ptr,
         g1 = g0
         g2 = g0
         g3 = g0
-        if UNROLL:
-            for l in tl.static_range(N_DENSE):
-                t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
-                                            scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                            BLOCK, D, F, L, False, TABLE_GRAD, INPUT_GRAD, POS_F64)
-                g0 += t0
-                g1 += t1
-                g2 += t2
-                g3 += t3
-            for l in tl.static_range(N_DENSE, L):
-                t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
-                                            scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                            BLOCK, D, F, L, True, TABLE_GRAD, INPUT_GRAD, POS_F64)
-                g0 += t0
-                g1 += t1
-                g2 += t2
-                g3 += t3
-        else:
-            for l in range(N_DENSE):
-                t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
-                                            scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                            BLOCK, D, F, L, False, TABLE_GRAD, INPUT_GRAD, POS_F64)
-                g0 += t0
-                g1 += t1
-                g2 += t2
-                g3 += t3
-            for l in range(N_DENSE, L):
-                t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
-                                            scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                            BLOCK, D, F, L, True, TABLE_GRAD, INPUT_GRAD, POS_F64)
-                g0 += t0
-                g1 += t1
-                g2 += t2
-                g3 += t3
+        if N_PRIV > 0:
+            priv = gpriv_ptr + (pid % REPLICAS) * (E_PRIV * F)
+            g0, g1, g2, g3 = _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, priv, gout_ptr,
+                                        scale_ptr, res_ptr, size_ptr, offset_ptr, 0, N_PRIV, UNROLL, False,
+                                        BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, POS_F64)
+        g0, g1, g2, g3 = _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr, gout_ptr,
+                                    scale_ptr, res_ptr, size_ptr, offset_ptr, N_PRIV, N_DENSE, UNROLL, False,
+                                    BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, POS_F64)
+        g0, g1, g2, g3 = _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr, gout_ptr,
+                                    scale_ptr, res_ptr, size_ptr, offset_ptr, N_DENSE, L, UNROLL, True,
+                                    BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, POS_F64)
         if INPUT_GRAD:
             tl.store(gx_ptr + offs * D, g0, mask=pmask)
             if D > 1:
@@ -451,6 +463,8 @@ class KernelOptions:
     bwd_block: int = 256
     bwd_warps: int = 4
     bwd_unroll: bool = False
+    bwd_replicas: int = 0  # >0: private gradient copies for the small dense levels ("points" mode)
+    bwd_priv_max: int = 4096  # ... those with at most this many entries
     pos_f64: bool | None = None  # None: float64 emulation only under the interpreter
 
 
@@ -476,6 +490,8 @@ class _Plan:
         self.n_entries = layout[-1].offset + layout[-1].size
         if self.n_entries * F >= 2 ** 31 or any(lv.size >= 2 ** 31 for lv in layout):
             raise ValueError("hash grid too large for 32-bit table offsets")
+        self.level_offsets = [lv.offset for lv in layout] + [self.n_entries]
+        self.level_sizes = [lv.size for lv in layout]
         self.device = device
         self.scale = torch.tensor([lv.scale for lv in layout], dtype=torch.float32, device=device)
         # res only matters on dense levels (res^d <= P < 2^31); clamp the others into int32
@@ -483,6 +499,20 @@ class _Plan:
                                 device=device)
         self.size = torch.tensor([lv.size for lv in layout], dtype=torch.int32, device=device)
         self.offset = torch.tensor([lv.offset for lv in layout], dtype=torch.int32, device=device)
+
+    def n_private(self, max_entries: int) -> int:
+        """Leading dense levels of at most max_entries entries."""
+        return _n_private_levels(self, max_entries)
+
+
+_LAST_KERNELS: dict = {}  # the last compiled kernels launched (for resource reports)
+
+
+def _n_private_levels(plan: "_Plan", max_entries: int) -> int:
+    n = 0
+    while n < plan.n_dense and plan.level_sizes[n] <= max_entries:
+        n += 1
+    return n
 
 
 def _empty(shape, device) -> torch.Tensor:
@@ -503,7 +533,7 @@ def _forward(x: torch.Tensor, table: torch.Tensor, plan: _Plan, opts: KernelOpti
         return out.view(B, L * F) if not out_lm else out.permute(1, 0, 2).reshape(B, L * F)
     n_blocks = triton.cdiv(B, opts.fwd_block)
     grid = (n_blocks * (L if mode else 1),)
-    _hashgrid_fwd_kernel[grid](
+    _LAST_KERNELS["fwd"] = _hashgrid_fwd_kernel[grid](
         x, table, out, plan.scale, plan.res, plan.size, plan.offset, B, n_blocks,
         D=D, F=F, L=L, N_DENSE=plan.n_dense, BLOCK=opts.fwd_block, MODE=mode, OUT_LM=out_lm,
         UNROLL=opts.fwd_unroll, POS_F64=_pos_f64(opts), num_warps=opts.fwd_warps)
@@ -525,13 +555,18 @@ def _backward(x: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor, plan
     if B > 0 and (need_x or need_table):
         n_blocks = triton.cdiv(B, opts.bwd_block)
         grid = (n_blocks * (L if mode else 1),)
-        dummy = table
-        _hashgrid_bwd_kernel[grid](
-            x, table, grad_table if need_table else dummy, grad_out, grad_x if need_x else x,
+        n_priv = plan.n_private(opts.bwd_priv_max) if (need_table and mode == 0 and opts.bwd_replicas > 0) else 0
+        e_priv = plan.level_offsets[n_priv]
+        gpriv = torch.zeros(opts.bwd_replicas, e_priv * F, dtype=torch.float32, device=x.device) if n_priv else table
+        _LAST_KERNELS["bwd"] = _hashgrid_bwd_kernel[grid](
+            x, table, grad_table if need_table else table, gpriv, grad_out, grad_x if need_x else x,
             plan.scale, plan.res, plan.size, plan.offset, B, n_blocks,
-            D=D, F=F, L=L, N_DENSE=plan.n_dense, BLOCK=opts.bwd_block, MODE=mode,
+            D=D, F=F, L=L, N_DENSE=plan.n_dense, N_PRIV=n_priv, E_PRIV=e_priv,
+            REPLICAS=max(1, opts.bwd_replicas), BLOCK=opts.bwd_block, MODE=mode,
             UNROLL=opts.bwd_unroll, TABLE_GRAD=need_table, INPUT_GRAD=need_x,
             POS_F64=_pos_f64(opts), num_warps=opts.bwd_warps)
+        if n_priv:
+            grad_table[:e_priv * F] += gpriv.sum(0)
     if need_x and mode:
         grad_x = grad_x.sum(0)
     return grad_x, grad_table

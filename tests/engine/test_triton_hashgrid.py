@@ -112,7 +112,8 @@ def _compare(D: int, cfg: GridConfig, B: int, options=None, need_x=True, need_ta
 
 
 if CUDA:
-    CASES = [(D, cfg, B) for D in (2, 3) for cfg in (SMALL, DEFAULT) for B in (1, 1000, 65_537, 1 << 20)]
+    CASES = [(D, cfg, B) for D in (2, 3) for cfg in (SMALL, DEFAULT) for B in (1, 1000, 65_537)]
+    CASES += [(2, DEFAULT, 1 << 20), (3, DEFAULT, 1 << 20)]
     CASES += [(1, F1, 4099), (4, F4, 4099), (3, F4, 70_000), (2, F1, 70_000), (4, DEFAULT, 3000)]
 else:  # interpreter: slow, keep it small
     CASES = [(2, SMALL, 300), (3, SMALL, 200), (2, DEFAULT, 100), (1, F1, 64), (4, TINY, 40)]
@@ -130,12 +131,13 @@ def test_gradient_subsets(need_x, need_table):
 
 VARIANTS = [
     dict(fwd_mode="level-fast"), dict(fwd_mode="level-slow", bwd_mode="level-slow"),
+    dict(bwd_replicas=8, bwd_priv_max=1024),
     dict(fwd_unroll=True, bwd_unroll=True), dict(fwd_block=64, bwd_block=128, fwd_warps=2),
     dict(fwd_block=512, bwd_block=512, fwd_warps=8, bwd_warps=8),
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS if CUDA else VARIANTS[:2])
+@pytest.mark.parametrize("variant", VARIANTS if CUDA else VARIANTS[:3])
 def test_kernel_variants(variant):
     opts = th.with_options(**variant)
     if CUDA:
