@@ -1,0 +1,230 @@
+"""``python -m backend``: argument parsing and wiring only.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad input or settings (the message says what),
+130 interrupted (a checkpoint was saved; run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import PRESETS, Config, preset
+from .errors import Cancelled, NeuralAtlasError
+from .progress import CancelToken, Progress
+
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ------------------------------------------------------------------ helpers
+def _fmt_eta(s: Optional[float]) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class ConsoleProgress:
+    """Prints one line per phase change or every couple of seconds."""
+
+    def __init__(self, quiet: bool = False, json_lines: bool = False) -> None:
+        self.quiet, self.json_lines = quiet, json_lines
+        self.last_phase, self.last_t = "", 0.0
+
+    def __call__(self, p: Progress) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if p.phase == self.last_phase and now - self.last_t < 2.0 and p.phase not in ("done",):
+            return
+        self.last_phase, self.last_t = p.phase, now
+        if self.json_lines:
+            print(json.dumps({"progress": p.to_dict()}), flush=True)
+            return
+        if p.phase == "train":
+            msg = (f"[train] it {p.iteration}/{p.iterations}  psnr {p.psnr:.2f} dB  {p.message}  "
+                   f"eta {_fmt_eta(p.eta_s)}")
+        else:
+            msg = f"[{p.phase}] {p.message}"
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _cancel_on_sigint() -> CancelToken:
+    token = CancelToken()
+
+    def handler(signum, frame):  # noqa: ARG001
+        if token.cancelled:
+            raise KeyboardInterrupt
+        print("\ninterrupted: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        token.cancel("interrupted")
+
+    signal.signal(signal.SIGINT, handler)
+    return token
+
+
+def _config(args) -> Config:
+    cfg = Config.load(args.config) if getattr(args, "config", None) else preset(args.preset)
+    overrides: dict = {}
+    if getattr(args, "iterations", None) is not None:
+        overrides.setdefault("train", {})["iterations"] = args.iterations
+    if getattr(args, "device", None):
+        overrides.setdefault("train", {})["device"] = args.device
+    if getattr(args, "long_edge", None) is not None:
+        overrides.setdefault("clip", {})["long_edge"] = args.long_edge
+    if getattr(args, "flow", None):
+        overrides.setdefault("clip", {})["flow_method"] = args.flow
+    if getattr(args, "grid_backend", None):
+        overrides.setdefault("model", {})["encoding_backend"] = args.grid_backend
+    return cfg.replace(**overrides).validate() if overrides else cfg.validate()
+
+
+def _frames(text: Optional[str]):
+    if not text:
+        return None
+    from .clip import parse_frame_range
+    return parse_frame_range(text)
+
+
+# ----------------------------------------------------------------- commands
+def cmd_decompose(args) -> int:
+    from .pipeline import decompose
+    cfg = _config(args)
+    out = decompose(args.clip, args.out, cfg, masks=args.masks, frame_range=_frames(args.frames),
+                    progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint(), resume=not args.no_resume)
+    rep = json.loads((out / "report.json").read_text())
+    print(json.dumps({"out": str(out), "psnr": rep["psnr"], "psnr_no_residual": rep["psnr_no_residual"],
+                      "iterations": rep["iterations"], "seconds": rep["seconds"], "device": rep["device"],
+                      "atlases": [str(out / a) for a in rep["outputs"]["atlases"]]}))
+    return EXIT_OK
+
+
+def cmd_edit(args) -> int:
+    from .edit import render_edit
+    edits = {}
+    for spec in args.layer:
+        if "=" not in spec:
+            raise NeuralAtlasError(f"--layer expects INDEX=EDIT.png, got {spec!r}")
+        k, path = spec.split("=", 1)
+        try:
+            edits[int(k)] = Path(path)
+        except ValueError:
+            raise NeuralAtlasError(f"--layer index must be an integer, got {k!r}") from None
+    info = render_edit(args.dir, edits, mode=args.mode, frame_range=_frames(args.frames), out=args.out,
+                       formats=tuple(args.format.split(",")), resolution=args.resolution,
+                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint(), device=args.device)
+    print(json.dumps(info))
+    return EXIT_OK
+
+
+def cmd_render(args) -> int:
+    from .pipeline import rerender
+    out = rerender(args.dir, progress=ConsoleProgress(args.quiet), device=args.device)
+    rep = json.loads((out / "report.json").read_text())
+    print(json.dumps({"out": str(out), "psnr": rep["psnr"], "psnr_no_residual": rep["psnr_no_residual"]}))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    cfg = _config(args)
+    rep = run_demo(args.out, cfg, width=args.width, height=args.height, n_frames=args.n_frames,
+                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint())
+    summary = {k: rep[k] for k in ("psnr", "psnr_no_residual", "alpha_iou", "iterations",
+                                   "train_seconds", "total_seconds", "device")}
+    summary["edit_drift_px"] = {k: rep["edit_drift_px"][k] for k in ("mean", "max")}
+    summary["edited_video"] = rep["edited"].get("video")
+    summary["report"] = str(Path(args.out) / "report.json")
+    print(json.dumps(summary, indent=1))
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    from .config import dumps_toml
+    print(dumps_toml(_config(args).to_dict()), end="")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parser
+def _add_model_opts(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", choices=PRESETS, default=default_preset, help="starting configuration")
+    p.add_argument("--config", type=Path, help="TOML configuration file (overrides --preset)")
+    p.add_argument("--iterations", type=int, help="training iterations")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--long-edge", type=int, help="working resolution: long edge in pixels (never upscales)")
+    p.add_argument("--flow", choices=("dis", "raft_small", "raft_large"), help="optical flow method")
+    p.add_argument("--grid-backend", choices=("auto", "torch", "triton", "tcnn"), help="hash-grid implementation")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m backend", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decompose", help="decompose a clip into layered atlases")
+    p.add_argument("clip", help="frames folder, seed layout folder or video file")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--masks", nargs="+", metavar="DIR", help="one mask folder per object (sorted by name)")
+    p.add_argument("--frames", metavar="A:B", help="frame range of the source, stop exclusive")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing checkpoint")
+    _add_model_opts(p, "seed")
+    p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser("edit", help="apply edited atlases to a decomposed shot")
+    p.add_argument("dir", type=Path, help="a decomposition folder")
+    p.add_argument("--layer", action="append", required=True, metavar="I=EDIT.png",
+                   help="edit image for layer I (repeatable)")
+    p.add_argument("--mode", choices=("delta", "replace"), default="delta")
+    p.add_argument("--frames", metavar="A:B", help="apply the edit only in this range of the shot")
+    p.add_argument("--out", required=True, type=Path, help="output folder (frames/ and edited.mp4)")
+    p.add_argument("--format", default="png,mp4", help="png, mp4 or png,mp4")
+    p.add_argument("--resolution", choices=("working", "source"), default="working")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("render", help="re-export atlases, videos and report from the saved checkpoint")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("demo", help="synthetic ground-truth shot: decompose, edit, measure drift")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--height", type=int, default=72)
+    p.add_argument("--n-frames", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_opts(p, "demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print a preset (with overrides) as TOML")
+    _add_model_opts(p, "seed")
+    p.set_defaults(func=cmd_config)
+
+    try:
+        from .service.cli import add_commands
+    except ImportError:
+        add_commands = None
+    if add_commands is not None:
+        add_commands(sub)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled as e:
+        print(f"stopped: {e}. Run the same command again to resume from the checkpoint.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except NeuralAtlasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED

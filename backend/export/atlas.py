@@ -1,0 +1,58 @@
+"""The atlas texel convention, atlas rendering and atlas sampling (see docs/atlas.md).
+
+An atlas image of size S x S covers u, v in [-1, 1]. Texel (row r, col c) has its centre at
+    u = -1 + (2c + 1) / S,   v = -1 + (2r + 1) / S
+so u runs along columns (image x) and v along rows (image y, row 0 at the top of the PNG).
+Bilinear sampling at uv is ``grid_sample(..., align_corners=False)``, which uses exactly this
+convention; export, bake, edit and the Blender add-on all go through these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def texel_centres(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(S*S, 2) uv of every texel centre, row-major (row = v, column = u)."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+    v, u = torch.meshgrid(c, c, indexing="ij")
+    return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
+
+
+@torch.no_grad()
+def render_atlas(texture_fn, size: int, device: torch.device, chunk: int = 1 << 18) -> torch.Tensor:
+    """Evaluate a texture network on every texel centre -> (S, S, 3) float32."""
+    uv = texel_centres(size, device)
+    out = torch.cat([texture_fn(uv[i:i + chunk]) for i in range(0, uv.shape[0], chunk)])
+    return out.view(size, size, 3)
+
+
+def sample_atlas(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample an (S, S, C) atlas at uv (..., 2) in [-1, 1] -> (..., C).
+
+    Points outside the atlas take the border texel (``padding_mode='border'``).
+    """
+    lead = uv.shape[:-1]
+    img = image.permute(2, 0, 1)[None].to(torch.float32)  # (1, C, S, S)
+    grid = uv.reshape(1, 1, -1, 2).to(torch.float32)
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, :, 0].transpose(0, 1).reshape(*lead, image.shape[-1])
+
+
+def texel_index(uv: torch.Tensor, size: int) -> torch.Tensor:
+    """Continuous texel coordinates (col, row) of uv: texel k's centre is at k."""
+    return (uv + 1.0) * (size / 2.0) - 0.5
+
+
+def splat_max(acc: torch.Tensor, uv: torch.Tensor, value: torch.Tensor) -> None:
+    """acc (S, S) = max(acc, value) over the 2x2 texels around each uv (its bilinear footprint)."""
+    size = acc.shape[0]
+    p = texel_index(uv, size)
+    base = torch.floor(p).long()
+    flat = acc.view(-1)
+    for dc in (0, 1):
+        for dr in (0, 1):
+            c = (base[:, 0] + dc).clamp(0, size - 1)
+            r = (base[:, 1] + dr).clamp(0, size - 1)
+            flat.scatter_reduce_(0, r * size + c, value, reduce="amax")

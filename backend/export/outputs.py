@@ -1,0 +1,184 @@
+"""Everything a decomposition writes after training: atlases, videos, baked maps, report.
+
+One pass over the frames evaluates every network once per pixel and produces at the same
+time the reconstructions (with and without the residual), per-layer alpha and residual
+frames, the baked per-frame maps used by the edit renderer, the per-texel "seen" alpha of
+each atlas and the per-frame PSNR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..clip import Clip, write_png, write_png16_rgba, write_video
+from ..config import Config
+from ..progress import CancelToken, Progress, ProgressFn, null_progress
+from .atlas import render_atlas, splat_max
+
+ATLAS_CONVENTION = ("atlas image S x S covers u,v in [-1,1]; texel (row r, col c) centre at "
+                    "u = -1 + (2c+1)/S, v = -1 + (2r+1)/S; u along columns (x), v along rows (y), "
+                    "row 0 at the top of the PNG")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def layer_names(clip: Clip) -> list[str]:
+    return list(clip.mask_names) + ["background"]
+
+
+@torch.no_grad()
+def evaluate_frame(model, geom, f: int, chunk: int = 1 << 17) -> dict[str, torch.Tensor]:
+    """Every network at every pixel of frame ``f`` -> uv (N,H,W,2), alpha (N,H,W), residual and rgb (N,H,W,3)."""
+    H, W, N = geom.height, geom.width, model.n_layers
+    dev = next(model.parameters()).device
+    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
+                            torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
+    xyt = geom.xyt(xs.reshape(-1), ys.reshape(-1), torch.full((H * W,), float(f), device=dev))
+    parts = [model.render(xyt[i:i + chunk]) for i in range(0, H * W, chunk)]
+    uv = torch.stack([torch.cat([p.uv[i] for p in parts]) for i in range(N)]).view(N, H, W, 2)
+    rgb = torch.stack([torch.cat([p.rgb[i] for p in parts]) for i in range(N)]).view(N, H, W, 3)
+    res = torch.stack([torch.cat([p.residual[i] for p in parts]) for i in range(N)]).view(N, H, W, 3)
+    alpha = torch.cat([p.alpha for p in parts]).view(H, W, N).permute(2, 0, 1)
+    return {"uv": uv, "rgb": rgb, "residual": res, "alpha": alpha}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+
+
+def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Optional[ProgressFn] = None,
+               cancel: Optional[CancelToken] = None, extra_report: Optional[dict] = None) -> dict:
+    """Write atlas/, video/, bake/ and report.json for a trained model; returns the report."""
+    progress = progress or null_progress
+    cancel = cancel or CancelToken()
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    model, geom = trainer.model, trainer.geom
+    model.eval()
+    N, F_, H, W = model.n_layers, geom.n_frames, geom.height, geom.width
+    S = cfg.export.atlas_size
+    dev = trainer.device
+    names = layer_names(clip)
+    (out / "atlas").mkdir(parents=True, exist_ok=True)
+    bake_dir = out / "bake"
+    bake_dir.mkdir(parents=True, exist_ok=True)
+    frames_dir = out / "frames"
+
+    atlases = [render_atlas(lambda uv, i=i: model.texture(i, uv), S, dev) for i in range(N)]
+    seen = [torch.zeros(S, S, device=dev) for _ in range(N)]
+    mm = np.lib.format.open_memmap
+    uv_maps = [mm(bake_dir / f"layer_{i}_uv.npy", "w+", np.float32, (F_, H, W, 2)) for i in range(N)]
+    alpha_maps = [mm(bake_dir / f"layer_{i}_alpha.npy", "w+", np.float16, (F_, H, W)) for i in range(N)]
+    res_maps = [mm(bake_dir / f"layer_{i}_residual.npy", "w+", np.float16, (F_, H, W, 3)) for i in range(N)]
+
+    per_frame, per_frame_nores = [], []
+    streams = ["reconstruction", "reconstruction_no_residual"] + [f"alpha_{i}" for i in range(N)] + \
+              ([f"residual_{i}" for i in range(N)] if model.residuals is not None else [])
+    for f in range(F_):
+        cancel.raise_if_cancelled()
+        ev = evaluate_frame(model, geom, f)
+        a = ev["alpha"]  # (N, H, W)
+        recon = (ev["rgb"] * ev["residual"] * a[..., None]).sum(0)
+        recon_nores = (ev["rgb"] * a[..., None]).sum(0)
+        gt = clip.frames[f]
+        rec_np, nores_np = recon.cpu().numpy(), recon_nores.cpu().numpy()
+        per_frame.append(psnr(rec_np, gt))
+        per_frame_nores.append(psnr(nores_np, gt))
+        for i in range(N):
+            splat_max(seen[i], ev["uv"][i].reshape(-1, 2), a[i].reshape(-1))
+            uv_maps[i][f] = ev["uv"][i].cpu().numpy()
+            alpha_maps[i][f] = a[i].cpu().numpy().astype(np.float16)
+            res_maps[i][f] = ev["residual"][i].cpu().numpy().astype(np.float16)
+        if cfg.export.write_videos:
+            write_png(frames_dir / "reconstruction" / f"{f:05d}.png", rec_np)
+            write_png(frames_dir / "reconstruction_no_residual" / f"{f:05d}.png", nores_np)
+            for i in range(N):
+                write_png(frames_dir / f"alpha_{i}" / f"{f:05d}.png", a[i].cpu().numpy())
+                if model.residuals is not None:  # R = 1 is mid grey, as in the seed
+                    write_png(frames_dir / f"residual_{i}" / f"{f:05d}.png",
+                              (ev["residual"][i] * 0.5).clamp(0, 1).cpu().numpy())
+        progress(Progress("export", fraction=0.9 + 0.08 * (f + 1) / F_, message=f"frame {f + 1}/{F_}"))
+    for arr in uv_maps + alpha_maps + res_maps:
+        arr.flush()
+    del uv_maps, alpha_maps, res_maps
+
+    atlas_files = []
+    for i in range(N):
+        rgba = torch.cat([atlases[i], seen[i][..., None]], dim=-1).clamp(0, 1).cpu().numpy()
+        path = write_png16_rgba(out / "atlas" / f"layer_{i}.png", rgba)
+        np.save(bake_dir / f"atlas_{i}.npy", atlases[i].cpu().numpy().astype(np.float32))
+        np.save(bake_dir / f"atlas_{i}_seen.npy", seen[i].cpu().numpy().astype(np.float32))
+        atlas_files.append(str(path.relative_to(out)))
+
+    fps = float(clip.fps or cfg.export.video_fps)
+    videos = {}
+    if cfg.export.write_videos:
+        for name in streams:
+            files = sorted((frames_dir / name).glob("*.png"))
+            from ..clip import read_image
+            written = write_video(out / "video" / f"{name}.mp4", (read_image(p)[..., :3] for p in files), fps)
+            videos[name] = str(Path(written).relative_to(out))
+
+    st = trainer.state
+    layers = [{"index": i, "name": names[i], "kind": "background" if i == N - 1 else "object",
+               "atlas": atlas_files[i], "uv_scale": model.uv_scales[i]} for i in range(N)]
+    bake_meta = {"frames": F_, "height": H, "width": W, "layers": N, "atlas_size": S,
+                 "atlas_convention": ATLAS_CONVENTION, "uv": "layer_<i>_uv.npy float32 (F,H,W,2)",
+                 "alpha": "layer_<i>_alpha.npy float16 (F,H,W)",
+                 "residual": "layer_<i>_residual.npy float16 (F,H,W,3)",
+                 "atlas": "atlas_<i>.npy float32 (S,S,3): the texture network at texel centres",
+                 "seen": "atlas_<i>_seen.npy float32 (S,S): max alpha mapped to each texel"}
+    (bake_dir / "meta.json").write_text(json.dumps(bake_meta, indent=1), encoding="utf-8")
+    report = {
+        "version": __version__,
+        "psnr": float(np.mean(per_frame)),
+        "psnr_no_residual": float(np.mean(per_frame_nores)),
+        "per_frame_psnr": per_frame,
+        "per_frame_psnr_no_residual": per_frame_nores,
+        "iterations": st.iteration,
+        "seconds": round(st.seconds, 3),
+        "pretrain_seconds": round(st.pretrain_seconds, 3),
+        "export_seconds": round(time.perf_counter() - t0, 3),
+        "iterations_per_second": round(st.iteration / st.seconds, 3) if st.seconds > 0 else None,
+        "device": device_name(dev),
+        "grid_backend": model.grid_backend,
+        "layers": layers,
+        "clip": {"source": clip.source, "frame_range": list(clip.frame_range), "frames": F_,
+                 "width": W, "height": H, "source_size": list(clip.source_size), "fps": clip.fps,
+                 "fingerprint": clip.fingerprint(), "frame_names": list(clip.frame_names)},
+        "atlas_size": S,
+        "atlas_convention": ATLAS_CONVENTION,
+        "outputs": {"atlases": atlas_files, "videos": videos, "bake": "bake",
+                    "frames": {s: f"frames/{s}" for s in streams} if cfg.export.write_videos else {}},
+        "history": st.history,
+        "config": cfg.to_dict(),
+    }
+    if dev.type == "cuda":
+        report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 3)
+    if extra_report:
+        report.update(extra_report)
+    write_report(out, report)
+    model.train()
+    return report
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    path = Path(out_dir) / "report.json"
+    tmp = path.with_name("report.json.tmp")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=True), encoding="utf-8")
+    os.replace(tmp, path)

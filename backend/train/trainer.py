@@ -1,0 +1,259 @@
+"""The training loop of Hashing-NVD (method.md section 2), faithful to the seed's schedule.
+
+One iteration samples ``batch_size`` pixels uniformly over all (x, y, t) on the device,
+evaluates every network once per group of query points (main, x+1, y+1, flow targets,
+rigidity neighbours; concatenated so each network runs once per step), sums the weighted
+loss terms and takes one Adam step with two learning-rate groups. Mapping networks are
+pretrained towards uv = s * xy first. Progress, cancellation and checkpoints are handled
+here; the caller decides where checkpoints live.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import losses as L
+from ..clip import Clip
+from ..config import Config
+from ..errors import Cancelled
+from ..model import LayeredModel
+from ..progress import CancelToken, Progress, ProgressFn, null_progress
+from .data import TrainingData
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import ConfigError
+        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    pretrained: bool = False
+    seconds: float = 0.0  # training wall time, summed over resumes
+    pretrain_seconds: float = 0.0
+    history: list = field(default_factory=list)  # [iteration, seconds, batch psnr]
+
+
+class Trainer:
+    def __init__(self, clip: Clip, flow, config: Config, device: Optional[torch.device] = None,
+                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
+        self.cfg = config.validate()
+        self.device = device or resolve_device(self.cfg.train.device)
+        self.progress = progress or null_progress
+        self.cancel = cancel or CancelToken()
+        torch.manual_seed(self.cfg.train.seed)  # Linear-layer initialisation
+        self.data = TrainingData(clip, flow, self.device)
+        self.geom = self.data.geometry
+        self.model = LayeredModel(self.data.n_layers, self.cfg.model, self.device, seed=self.cfg.train.seed)
+        t = self.cfg.train
+        self.optimizer = torch.optim.Adam(self.model.param_groups(t.grid_lr, t.mlp_lr))
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(t.seed)
+        self.state = TrainState()
+        self._t_start = 0.0
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    def _randint(self, low: int, high: int, shape: tuple) -> torch.Tensor:
+        return torch.randint(low, high, shape, device=self.device, generator=self.gen)
+
+    def global_rigidity_weight(self, layer: int) -> float:
+        lc = self.cfg.losses
+        return lc.global_rigidity_bg if layer == self.n_layers - 1 else lc.global_rigidity_fg
+
+    # ------------------------------------------------------------ pretraining
+    def pretrain(self) -> None:
+        """Each mapping towards uv = s_i * xy: pretrain_iterations * F Adam steps per layer."""
+        t, g = self.cfg.train, self.geom
+        total = self.n_layers * t.pretrain_iterations * g.n_frames
+        done, t0 = 0, time.perf_counter()
+        for i in range(self.n_layers):
+            params = list(self.model.mappings[i].parameters())
+            opt = torch.optim.Adam([{"params": params, "lr": t.mlp_lr}])
+            s = self.model.uv_scales[i]
+            for _ in range(t.pretrain_iterations):
+                for f in range(g.n_frames):
+                    x = self._randint(0, g.width, (t.pretrain_batch_size,))
+                    y = self._randint(0, g.height, (t.pretrain_batch_size,))
+                    xyt = g.xyt(x.float(), y.float(), torch.full_like(x, f, dtype=torch.float32))
+                    loss = (xyt[:, :2] * s - self.model.mapping(i, xyt)).norm(dim=1).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    done += 1
+                if self.cancel.cancelled:
+                    raise Cancelled(self.cancel.reason or "cancelled")
+                self.progress(Progress("pretrain", fraction=0.05 * done / max(total, 1),
+                                       message=f"mapping pretraining, layer {i}",
+                                       elapsed_s=time.perf_counter() - t0))
+        self.state.pretrained = True
+        self.state.pretrain_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------- step
+    def compute_losses(self, iteration: int) -> dict[str, torch.Tensor]:
+        cfg, lc, m, g, data = self.cfg, self.cfg.losses, self.model, self.geom, self.data
+        B, N, rez = cfg.train.batch_size, self.n_layers, g.rez
+        b = data.sample(B, self.gen)
+        x, y, f = b.x.float(), b.y.float(), b.f.float()
+        fw = data.flow_fw[b.f, b.y, b.x]
+        bw = data.flow_bw[b.f, b.y, b.x]
+        ok_fw = data.ok_fw[b.f, b.y, b.x]
+        ok_bw = data.ok_bw[b.f, b.y, b.x]
+        d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
+        use_global = iteration <= lc.global_rigidity_stop and (lc.global_rigidity_fg > 0 or lc.global_rigidity_bg > 0)
+        # query groups: 0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw, 5/6 rigidity, 7/8 global rigidity
+        xs = [x, x + 1, x, x + fw[:, 0], x + bw[:, 0], x - d, x]
+        ys = [y, y, y + 1, y + fw[:, 1], y + bw[:, 1], y, y - d]
+        fs = [f, f, f, f + 1, f - 1, f, f]
+        if use_global:
+            xs += [x - D, x]
+            ys += [y, y - D]
+            fs += [f, f]
+        G = len(xs)
+        xyt = g.xyt(torch.cat(xs), torch.cat(ys), torch.cat(fs))
+        uv = [m.mapping(i, xyt).view(G, B, 2) for i in range(N)]
+        xyt3 = xyt[:3 * B]
+        t3 = xyt3[:, 2:3]
+        rgb = [m.texture(i, uv[i][:3].reshape(-1, 2)).view(3, B, 3) for i in range(N)]
+        res = [m.residual(i, uv[i][:3].reshape(-1, 2), t3).view(3, B, 3) for i in range(N)]
+        alpha = m.alpha(xyt[:5 * B]).view(5, B, N)
+        color = sum(rgb[i] * res[i] * alpha[:3, :, i:i + 1] for i in range(N))  # (3, B, 3)
+
+        out: dict[str, torch.Tensor] = {}
+        gt = data.color(b)
+        dx_gt, dy_gt = data.color_gradients(b)
+        out["rgb"] = lc.rgb * L.rgb_loss(color[0], gt)
+        if lc.gradient:
+            out["gradient"] = lc.gradient * L.gradient_loss(color[0], color[1], color[2], dx_gt, dy_gt)
+        if N > 1:
+            if lc.sparsity:
+                out["sparsity"] = lc.sparsity * L.sparsity_loss([r[0] for r in rgb], alpha[0])
+            if lc.alpha_bootstrapping and iteration <= lc.alpha_bootstrapping_stop:
+                target = data.targets[b.f, b.y, b.x].float()
+                out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
+            if lc.alpha_reg:
+                out["alpha_reg"] = lc.alpha_reg * L.alpha_reg_loss(alpha[0])
+            if lc.flow_alpha:
+                out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
+        for i in range(N):
+            s = m.uv_scales[i]
+            if lc.optical_flow:
+                out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
+                    uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
+            if lc.rigidity:
+                out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d)
+            w_global = self.global_rigidity_weight(i)
+            if use_global and w_global:
+                out[f"global_rigidity_{i}"] = w_global * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
+            if m.residuals is not None:
+                if lc.residual_reg:
+                    out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
+                if lc.residual_consistent:
+                    out[f"residual_consistent_{i}"] = lc.residual_consistent * self.residual_consistency(i, B)
+        return out
+
+    def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
+        """method.md 2.5: residual patches at the frame border, compared with other times."""
+        g, m, T = self.geom, self.model, self.cfg.losses.residual_consistent_frames
+        W, H, F_ = g.width, g.height, g.n_frames
+        n = max(batch // (9 * T), 1)
+        split = self._randint(0, n, (3,)).sort().values
+        k = torch.arange(n, device=self.device)
+        group = (k >= split[0]).long() + (k >= split[1]).long() + (k >= split[2]).long()
+        ry = self._randint(1, H, (n,))
+        rx = self._randint(1, W - 1, (n,))
+        x = torch.where(group == 0, 1, torch.where(group == 1, W - 2, rx))
+        y = torch.where(group <= 1, ry, torch.where(group == 2, 1, H - 2))
+        f = self._randint(0, F_, (n,))
+        off = torch.tensor([[0, 0], [-1, -1], [-1, 0], [-1, 1], [0, 1], [1, 1], [1, 0], [1, -1], [0, -1]],
+                           device=self.device)
+        px = (x[:, None] + off[:, 0]).reshape(-1).float()
+        py = (y[:, None] + off[:, 1]).reshape(-1).float()
+        pf = f[:, None].expand(n, 9).reshape(-1).float()
+        xyt_patch = g.xyt(px, py, pf)
+        tn = self._randint(0, F_, (T, n))
+        with torch.no_grad():
+            uv_patch = m.mapping(layer, xyt_patch)  # (9n, 2), no gradient reaches the mapping
+            uv_test = m.mapping(layer, g.xyt(x.float().expand(T, n).reshape(-1), y.float().expand(T, n).reshape(-1),
+                                             tn.reshape(-1).float())).view(T, n, 2)
+            target = m.residual(layer, uv_patch, xyt_patch[:, 2:3]).view(n, 9, 3)
+        t_rep = g.t(tn.float())[:, :, None].expand(T, n, 9).reshape(-1, 1)
+        uv_rep = uv_patch.view(1, n * 9, 2).expand(T, n * 9, 2).reshape(-1, 2)
+        other = m.residual(layer, uv_rep, t_rep).view(T, n, 9, 3)
+        centre = uv_patch.view(n, 9, 2)[:, 0]
+        du = uv_test[..., 0] - centre[:, 0]
+        dv = uv_test[..., 1] - centre[:, 1]
+        invisible = torch.where(group == 0, du > 0, torch.where(group == 1, du < 0,
+                                torch.where(group == 2, dv > 0, dv < 0)))
+        return L.residual_consistency_loss(target, other, invisible)
+
+    def step(self, iteration: int) -> dict[str, torch.Tensor]:
+        losses = self.compute_losses(iteration)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return losses
+
+    # ------------------------------------------------------------------- loop
+    def train(self, iterations: Optional[int] = None, checkpoint_dir: Optional[Path] = None) -> TrainState:
+        from .checkpoint import save_checkpoint
+
+        total = self.cfg.train.iterations if iterations is None else iterations
+        st = self.state
+        if not st.pretrained:
+            self.progress(Progress("pretrain", message="mapping pretraining"))
+            self.pretrain()
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, self)
+        report_every = max(1, min(self.cfg.train.log_every // 10, 50))
+        every_ckpt = self.cfg.train.checkpoint_every
+        t_last = time.perf_counter()
+        it0, sec0 = st.iteration, st.seconds
+        while st.iteration < total:
+            if self.cancel.cancelled:
+                if checkpoint_dir is not None:
+                    save_checkpoint(checkpoint_dir, self)
+                raise Cancelled(self.cancel.reason or "cancelled")
+            it = st.iteration + 1
+            losses = self.step(it)
+            st.iteration = it
+            now = time.perf_counter()
+            st.seconds += now - t_last
+            t_last = now
+            if it % report_every == 0 or it == total:
+                self._report(losses, total, it0, sec0)
+            if checkpoint_dir is not None and it % every_ckpt == 0 and it < total:
+                save_checkpoint(checkpoint_dir, self)
+                t_last = time.perf_counter()
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, self)
+        return st
+
+    def _report(self, losses: dict[str, torch.Tensor], total: int, it0: int, sec0: float) -> None:
+        st = self.state
+        vals = {k: float(v) for k, v in losses.items()}
+        mse = vals["rgb"] / (3.0 * self.cfg.losses.rgb) if self.cfg.losses.rgb else float("nan")
+        psnr = -10.0 * math.log10(max(mse, 1e-12))
+        st.history.append([st.iteration, round(st.seconds, 3), round(psnr, 3)])
+        rate = (st.iteration - it0) / max(st.seconds - sec0, 1e-9)
+        eta = (total - st.iteration) / rate if rate > 0 else None
+        self.progress(Progress("train", fraction=0.05 + 0.85 * st.iteration / max(total, 1),
+                               iteration=st.iteration, iterations=total, eta_s=eta, psnr=psnr,
+                               losses=vals, elapsed_s=st.seconds,
+                               message=f"{rate:.1f} it/s"))
