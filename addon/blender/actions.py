@@ -145,21 +145,28 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     edits = edit_images(job)
     if not edits:
         raise ActionError("this job has no edit images", "Use Load Atlases first")
-    images.save_dirty(edits)
+    saved = images.save_dirty(edits)
+    # only layers with paint (alpha > 0) are sent; an all-transparent edit changes nothing
+    painted = [img for img in edits if float(images.to_array(img)[..., 3].max()) > 0.0] or edits[:1]
     paths = {int(img[images.KEY_LAYER]): os.path.abspath(bpy.path.abspath(img.filepath_raw or img.filepath))
-             for img in edits}
+             for img in painted}
     for layer, p in paths.items():
         if not os.path.isfile(p):
             raise ActionError(f"edit image of layer {layer} was not saved to {p}")
     s = runtime.connect()
-    token = s.render(job.job_id, paths, formats=formats, name=f"{job.label} edit")
+    # copy what the render record needs first: adding to the collection may move `job`
+    keep = {k: getattr(job, k) for k in ("job_id", "label", "strip_name", "source", "range_start",
+                                         "range_stop", "src_channel", "src_frame_start", "shot")}
+    token = s.render(keep["job_id"], paths, formats=formats, name=f"{keep['label']} edit")
     st = settings(scene)
     r = st.jobs.add()
-    r.token, r.kind, r.state, r.parent = token, "render", "submitting", job.job_id
-    r.label, r.strip_name, r.source = f"{job.label} edit", job.strip_name, job.source
-    r.range_start, r.range_stop = job.range_start, job.range_stop
-    r.src_channel, r.src_frame_start, r.shot = job.src_channel, job.src_frame_start, job.shot
-    runtime.note(f"render of {job.label} submitted ({len(paths)} edit images saved)")
+    r.token, r.kind, r.state, r.parent = token, "render", "submitting", keep.pop("job_id")
+    for k, v in keep.items():
+        setattr(r, k, v)
+    r.label = f"{keep['label']} edit"
+    st.active_job = len(st.jobs) - 1
+    runtime.note(f"render of {keep['label']} submitted ({len(saved)} edit images saved, "
+                 f"{len(paths)} with paint)")
     return r
 
 
@@ -281,9 +288,13 @@ def render_outputs(out: str, res: dict[str, Any]) -> tuple[list[str], Optional[s
     outputs = res.get("outputs") or {}
     frames: list[str] = []
     movie: Optional[str] = None
-    fl = outputs.get("frames") if isinstance(outputs, dict) else None
-    if isinstance(fl, list) and fl:
-        frames = [f if os.path.isabs(f) else os.path.join(out, f) for f in fl]
+    fd = outputs.get("frames_dir") if isinstance(outputs, dict) else None
+    vid = outputs.get("video") if isinstance(outputs, dict) else None
+    if isinstance(fd, str) and os.path.isdir(fd):
+        frames = [os.path.join(fd, n) for n in S.list_frames(fd)]
+    elif isinstance(fd, str) and out and os.path.isdir(os.path.join(out, "frames")):
+        d = os.path.join(out, "frames")  # downloaded from a remote backend
+        frames = [os.path.join(d, n) for n in S.list_frames(d)]
     else:
         best: list[str] = []
         for d, _dirs, files in os.walk(out):
@@ -293,6 +304,8 @@ def render_outputs(out: str, res: dict[str, Any]) -> tuple[list[str], Optional[s
             if len(pngs) > len(best):
                 best = pngs
         frames = best
+    if isinstance(vid, str) and os.path.isfile(vid):
+        movie = vid
     for d, _dirs, files in os.walk(out):
         for n in sorted(files):
             if n.lower().endswith((".mp4", ".mov", ".mkv")):

@@ -49,7 +49,8 @@ class LaunchError(RuntimeError):
 
 
 def build_command(python: str, args: str, endpoint: str, workspace: str,
-                  keys_dir: str = "", parent_pid: Optional[int] = None) -> list[str]:
+                  keys_dir: str = "", parent_pid: Optional[int] = None,
+                  allow_roots: Optional[list[str]] = None) -> list[str]:
     if not python:
         raise LaunchError("set the backend's Python interpreter in the add-on preferences "
                           "(the python of the environment where the backend is installed)")
@@ -59,13 +60,18 @@ def build_command(python: str, args: str, endpoint: str, workspace: str,
     cmd += ["--endpoint", endpoint, "--workspace", workspace,
             "--parent-pid", str(parent_pid if parent_pid is not None else os.getpid())]
     if keys_dir:
-        cmd += ["--keys-dir", keys_dir]
+        cmd += ["--keys", keys_dir]
+    if "--allow-root" not in cmd:
+        # the add-on's own folders (edits, rasterised masks) and the user's home (clips)
+        for root in allow_roots or []:
+            cmd += ["--allow-root", root]
     return cmd
 
 
 def start(python: str, args: str, endpoint: str, workspace: str, log_path: str,
-          keys_dir: str = "", env: Optional[dict] = None) -> LocalBackend:
-    cmd = build_command(python, args, endpoint, workspace, keys_dir)
+          keys_dir: str = "", env: Optional[dict] = None,
+          allow_roots: Optional[list[str]] = None) -> LocalBackend:
+    cmd = build_command(python, args, endpoint, workspace, keys_dir, allow_roots=allow_roots)
     os.makedirs(workspace, exist_ok=True)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log = open(log_path, "ab")

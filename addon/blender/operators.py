@@ -61,17 +61,24 @@ class NA_OT_connect(bpy.types.Operator):
         rt = runtime.get()
         rt.last_error = rt.last_hint = ""
         try:
-            s = runtime.connect(context)
+            s = runtime.connect(context, force=True)
         except (J.SessionError, launcher.LaunchError) as e:
             return _fail(self, getattr(e, "message", str(e)), getattr(e, "hint", ""))
-        if self.wait:
-            req = s._hello_req
-            while req is not None and not req.done:
-                for ch in s.pump(256):
+        if self.wait:  # background only: block until hello answered (and the device probed)
+            import time
+
+            end = time.monotonic() + 15.0
+            while time.monotonic() < end:
+                req = s._hello_req
+                for e in s.client.poll(0.1):
+                    s._on_event(e)
+                for ch in s.pump(0):
                     actions.apply(ch)
-                s.client.poll(0.1)
-            for ch in s.pump(256):
-                actions.apply(ch)
+                if req is not None and req.done:
+                    dev = s.conn.server.get("device") or {}
+                    if s.conn.state != "connected" or dev.get("name") != "probing":
+                        break
+                    s.connect(force=True)
             if s.conn.state != "connected":
                 return _fail(self, s.conn.message, s.conn.hint)
         return {"FINISHED"}

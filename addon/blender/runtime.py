@@ -82,7 +82,7 @@ def endpoint_allowed(endpoint: str) -> bool:
     return is_loopback_endpoint(endpoint) or bool(getattr(bpy.app, "online_access", True))
 
 
-def connect(context: Optional[bpy.types.Context] = None) -> J.Session:
+def connect(context: Optional[bpy.types.Context] = None, force: bool = False) -> J.Session:
     from .prefs import prefs
 
     p = prefs(context)
@@ -93,7 +93,7 @@ def connect(context: Optional[bpy.types.Context] = None) -> J.Session:
     if p.start_local and (_RT.backend is None or not _RT.backend.running()):
         start_backend(context)
     s = session(context)
-    s.connect()
+    s.connect(force=force)
     ensure_timer()
     return s
 
@@ -106,9 +106,17 @@ def start_backend(context: Optional[bpy.types.Context] = None) -> launcher.Local
     if _RT.backend is not None and _RT.backend.running():
         return _RT.backend
     try:
+        from ..core.signing import KeyFileError, ensure_key
+
+        try:  # the add-on and the backend it starts share the key; make it before either reads it
+            ensure_key(bpy.path.abspath(p.keys_dir) if p.keys_dir else None)
+        except (OSError, KeyFileError) as e:
+            raise launcher.LaunchError(f"cannot create the signing key: {e}") from None
+        ws = p.workspace_path()
         _RT.backend = launcher.start(bpy.path.abspath(p.backend_python), p.backend_args, p.endpoint,
-                                     os.path.join(p.workspace_path(), "backend"), p.log_path(),
-                                     keys_dir=bpy.path.abspath(p.keys_dir) if p.keys_dir else "")
+                                     os.path.join(ws, "backend"), p.log_path(),
+                                     keys_dir=bpy.path.abspath(p.keys_dir) if p.keys_dir else "",
+                                     allow_roots=[ws, os.path.expanduser("~")])
     except launcher.LaunchError as e:
         msg, hint = J.explain("launch_failed", str(e), log_path=p.log_path())
         _RT.last_error, _RT.last_hint = msg, hint
@@ -167,6 +175,7 @@ def tick() -> Optional[float]:
             return TICK_IDLE_S
         if not _RT.attached:
             _attach_saved_jobs(s)
+        s.refresh_device()
         changes = s.pump(MAX_MESSAGES_PER_TICK)
         if changes:
             from . import actions

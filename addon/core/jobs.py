@@ -232,10 +232,13 @@ class Session:
                                                            "hint": hint}))
 
     # ---------------------------------------------------- non-blocking API
-    def connect(self) -> None:
-        """Send hello (non-blocking); the reply arrives through pump()."""
+    def connect(self, force: bool = False) -> None:
+        """Send hello (non-blocking); the reply arrives through pump(). Without ``force``
+        nothing is sent while connected."""
         c = self.ensure_client()
         if self._hello_req is not None and not self._hello_req.done:
+            return
+        if self.conn.state == "connected" and not force:
             return
         self._set_conn("connecting", f"Connecting to {self.endpoint}")
         self._hello_req = c.send("hello", {"client": "neural_atlas blender"}, callback=self._on_hello)
@@ -397,7 +400,7 @@ class Session:
                 self._set_conn("connected", "Reconnected" + (" (backend restarted)" if e.kind == "restarted"
                                                              else ""))
             if e.kind == "restarted":
-                self.connect()  # refresh device info
+                self.connect(force=True)  # refresh device info
                 live = [j for j, i in self.jobs.items() if i.get("state") in ACTIVE_STATES]
                 self.attach(live)
         elif e.kind == "heartbeat":
@@ -441,6 +444,14 @@ class Session:
                                 log_path=self.log_path)
             self.changes.append(Change("finished", jid, {**info, "result_error": err,
                                                          "message_text": msg, "hint": hint}))
+
+    def refresh_device(self, min_age: float = 2.0) -> None:
+        """Ask again while the backend is still probing its device (first seconds)."""
+        dev = self.conn.server.get("device") or {}
+        if self.conn.state == "connected" and dev.get("name") == "probing" and \
+                time.time() - self.conn.since > min_age:
+            self.conn.since = time.time()
+            self.connect(force=True)
 
     def active(self) -> list[str]:
         return [j for j, i in self.jobs.items() if i.get("state") in ACTIVE_STATES]
