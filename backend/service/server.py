@@ -478,7 +478,10 @@ class Server:
             if job["state"] not in ("running", "cancelling"):
                 return
             new_phase = p.get("phase") != job.get("phase")
-            for k in ("phase", "iteration", "iterations", "fraction", "eta_s", "message"):
+            keys = ["phase", "fraction", "eta_s", "message"]
+            if p.get("iterations"):  # phases without iterations (load, flow, export) keep the count
+                keys += ["iteration", "iterations"]
+            for k in keys:
                 if k in p:
                     job[k] = p[k]
             if p.get("psnr") is not None:  # the last running PSNR stays when a phase has none

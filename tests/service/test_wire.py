@@ -298,3 +298,40 @@ def test_nonblocking_use_from_a_timer(server, clip_dir):
     assert c.jobs[job]["state"] == "done" and c.jobs[job]["iteration"] == 30
     kinds = {e.kind for e in seen}
     assert {"reply", "progress", "job"} <= kinds
+
+
+def test_kill9_server_queued_jobs_stay_queued_and_orphan_worker_checkpoints(server_factory, clip_dir):
+    srv = server_factory()
+    c = srv.client(timeout=1.0, retries=1)
+    a = c.submit(clip_dir, preset="demo", overrides=fast(600, 50))
+    b = c.submit(clip_dir, preset="demo", overrides=fast(10, 5))
+    c.status(a, watch=True)
+    deadline = time.monotonic() + 30
+    while (c.jobs.get(a, {}).get("iteration") or 0) < 120:
+        assert time.monotonic() < deadline
+        c.poll(0.05)
+    srv.kill9()  # the server only: its worker sees stdin close, checkpoints and exits
+    lock = srv.workspace / "jobs" / a / ".lock"
+    from backend.service.store import FileLock
+    fl = FileLock(lock)
+    assert fl.acquire(timeout=15), "the orphaned worker did not stop"
+    fl.release()
+    ck = json.loads((srv.workspace / "jobs" / a / "out" / "checkpoints" / "latest.json").read_text())
+    assert ck["iteration"] >= 120
+    assert json.loads((srv.workspace / "jobs" / b / "job.json").read_text())["state"] == "queued"
+    port = srv.endpoint.rsplit(":", 1)[1]
+    srv2 = server_factory(workspace=srv.workspace, endpoint=f"tcp://127.0.0.1:{port}")
+    events = []
+    info = c.wait(a, timeout=60, on_event=events.append)
+    assert info["state"] == "done" and info["attempts"] == 2 and info["resumed_from"] == ck["iteration"]
+    assert any(e.kind == "restarted" for e in events) and c.session == srv2.session
+    assert c.wait(b, timeout=60)["state"] == "done"
+    # finished results are never rewritten by a later restart
+    out = srv.workspace / "jobs" / a / "out" / "report.json"
+    mtime = out.stat().st_mtime_ns
+    c.shutdown()
+    srv2.wait_exit(30)
+    srv3 = server_factory(workspace=srv.workspace)
+    c3 = srv3.client()
+    assert c3.status(a)["state"] == "done" and out.stat().st_mtime_ns == mtime
+    assert c3.hello()["running"] is None
