@@ -247,7 +247,8 @@ class Trainer:
 
     def _report(self, losses: dict[str, torch.Tensor], total: int, it0: int, sec0: float) -> None:
         st = self.state
-        vals = {k: float(v) for k, v in losses.items()}
+        keys = list(losses)
+        vals = dict(zip(keys, torch.stack([losses[k].detach().float() for k in keys]).tolist()))
         mse = vals["rgb"] / (3.0 * self.cfg.losses.rgb) if self.cfg.losses.rgb else float("nan")
         psnr = -10.0 * math.log10(max(mse, 1e-12))
         st.history.append([st.iteration, round(st.seconds, 3), round(psnr, 3)])
