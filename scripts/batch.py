@@ -121,7 +121,7 @@ def load_addon(zip_path: Optional[str]) -> Any:
     import bpy
 
     def find() -> Optional[str]:
-        for m in addon_utils.modules(refresh=True):
+        for m in addon_utils.modules(refresh=True) or ():
             if m.__name__.endswith(".neural_atlas") or m.__name__ == "neural_atlas":
                 return m.__name__
         return None
@@ -169,7 +169,7 @@ def connect(na: Any) -> dict:
 
     rt = na.blender.runtime
     try:
-        r = bpy.ops.neural_atlas.connect(wait=True)
+        r = ops().connect(wait=True)
     except RuntimeError as e:
         s = rt.get().session
         msg = (s.conn.message if s is not None and s.conn.message else rt.get().last_error) or \
@@ -181,6 +181,13 @@ def connect(na: Any) -> dict:
     conn = rt.get().session.conn
     print(f"[batch] {conn.message}", flush=True)
     return dict(conn.server)
+
+
+def ops() -> Any:
+    """``bpy.ops.neural_atlas`` (registered at run time, so unknown to the type stubs)."""
+    import bpy
+
+    return getattr(bpy.ops, "neural_atlas")
 
 
 def run_op(op: Any, **kw: Any) -> None:
@@ -246,7 +253,7 @@ def cmd_decompose(na: Any, a: argparse.Namespace) -> dict:
                 os.symlink(os.path.abspath(m), os.path.join(root, f"{k:02d}_{os.path.basename(m.rstrip('/'))}"))
             st.mask_folder = root
     connect(na)
-    run_op(bpy.ops.neural_atlas.decompose, strip=strip.name, preset=a.preset or "",
+    run_op(ops().decompose, strip=strip.name, preset=a.preset or "",
            overrides=json.dumps(overrides) if overrides else "", wait=True, timeout=a.timeout)
     job = st.jobs[len(st.jobs) - 1]
     atlases = [bpy.path.abspath(i.filepath) for i in na.blender.images.job_images(job.shot, "atlas")]
@@ -272,7 +279,7 @@ def cmd_render(na: Any, a: argparse.Namespace) -> dict:
         raise Exit(EXIT_ARGS, f"no finished decomposition{' ' + a.job if a.job else ''} in {a.blend}")
     job = jobs[-1]
     if not job.atlases_loaded:
-        run_op(bpy.ops.neural_atlas.load_atlases, job_id=job.job_id)
+        run_op(ops().load_atlases, job_id=job.job_id)
     for item in a.edit:
         try:
             layer_s, path = item.split("=", 1)
@@ -289,7 +296,7 @@ def cmd_render(na: Any, a: argparse.Namespace) -> dict:
         bpy.data.images.remove(src)
     parent_id = job.job_id  # `job` may be invalidated when the render record is added
     connect(na)
-    run_op(bpy.ops.neural_atlas.render_edit, job_id=parent_id, movie=a.movie, wait=True, timeout=a.timeout)
+    run_op(ops().render_edit, job_id=parent_id, movie=a.movie, wait=True, timeout=a.timeout)
     r = st.jobs[len(st.jobs) - 1]
     strip = vse.find_strip(scene, r.render_strip)
     if strip is None:

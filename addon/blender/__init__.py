@@ -7,7 +7,7 @@ import atexit
 
 import bpy
 
-from . import operators, panels, prefs, props, runtime
+from . import masks, operators, paint, panels, prefs, props, runtime  # noqa: F401
 
 _CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES)
 

@@ -16,7 +16,7 @@ Conventions:
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import bpy
 import numpy as np
@@ -90,7 +90,7 @@ def ensure_edit(job_id: str, layer: int, label: str, size: tuple[int, int], path
                                   float_buffer=False)
         img.generated_color = (0.0, 0.0, 0.0, 0.0)
         px = np.zeros(int(size[0]) * int(size[1]) * 4, np.float32)
-        img.pixels.foreach_set(px)
+        _pixels(img).foreach_set(px)
         _tag(img, job_id, layer, "edit")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         img.filepath_raw = path
@@ -124,11 +124,16 @@ def save_dirty(images: Iterable[bpy.types.Image]) -> list[str]:
     return saved
 
 
+def _pixels(img: bpy.types.Image) -> Any:
+    """``Image.pixels`` (a bpy_prop_array; the stubs type it as float)."""
+    return img.pixels
+
+
 def to_array(img: bpy.types.Image) -> np.ndarray:
     """(H, W, 4) float32, row 0 = top of the image."""
     w, h = img.size
     a = np.empty(w * h * img.channels, np.float32)
-    img.pixels.foreach_get(a)
+    _pixels(img).foreach_get(a)
     return np.flipud(a.reshape(h, w, img.channels))
 
 
@@ -137,7 +142,7 @@ def write_array(img: bpy.types.Image, a: np.ndarray) -> None:
     w, h = img.size
     if a.shape != (h, w, 4):
         raise ValueError(f"expected an array of shape {(h, w, 4)}, got {a.shape}")
-    img.pixels.foreach_set(np.ascontiguousarray(np.flipud(a), dtype=np.float32).ravel())
+    _pixels(img).foreach_set(np.ascontiguousarray(np.flipud(a), dtype=np.float32).ravel())
     img.update()
 
 

@@ -15,7 +15,7 @@ import shutil
 import bpy
 
 from ..core import strips as S
-from . import vse
+from . import images, vse
 
 
 def rasterise(masks: list[bpy.types.Mask], info: S.StripInfo, src_range: tuple[int, int],
@@ -60,7 +60,7 @@ def rasterise(masks: list[bpy.types.Mask], info: S.StripInfo, src_range: tuple[i
             if first_index:
                 blank = os.path.join(folder, f"{first_index:05d}.png")
                 img = bpy.data.images.load(blank, check_existing=False)
-                img.pixels.foreach_set([0.0, 0.0, 0.0, 1.0] * (img.size[0] * img.size[1]))
+                images._pixels(img).foreach_set([0.0, 0.0, 0.0, 1.0] * (img.size[0] * img.size[1]))
                 for j in range(first_index):
                     img.save(filepath=os.path.join(folder, f"{j:05d}.png"), save_copy=True)
                 bpy.data.images.remove(img)

@@ -104,11 +104,11 @@ def setup(context: bpy.types.Context, scene: bpy.types.Scene, job_label: str, at
         sp.ui_mode = "PAINT"
         area.tag_redraw()
         done["image_editor"] = True
-    for _win, a in vse.iter_areas("VIEW_3D"):
-        sp3 = a.spaces.active
+    for _win, area3d in vse.iter_areas("VIEW_3D"):
+        sp3 = area3d.spaces.active
         if isinstance(sp3, bpy.types.SpaceView3D):
             sp3.shading.type = "MATERIAL"
-            a.tag_redraw()
+            area3d.tag_redraw()
             done["view3d"] = True
     return done
 
