@@ -322,33 +322,59 @@ def _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
                scale_ptr, res_ptr, size_ptr, offset_ptr,
                BLOCK: tl.constexpr, D: tl.constexpr, F: tl.constexpr, L: tl.constexpr,
                HASHED: tl.constexpr, TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr,
-               POS_F64: tl.constexpr):
+               PAIR: tl.constexpr, POS_F64: tl.constexpr):
     scale, size, off, need_mod, w0, w1, w2, w3, a00, a01, a10, a11, a20, a21, a30, a31 = _level_setup(
         x0, x1, x2, x3, l, scale_ptr, res_ptr, size_ptr, offset_ptr, D, HASHED, POS_F64)
     fo = tl.arange(0, F)
-    go = tl.load(gout_ptr + (offs.to(tl.int64)[:, None] * (L * F) + (l * F + fo[None, :])),
-                 mask=m2, other=0.0)
+    grow = gout_ptr + (offs.to(tl.int64)[:, None] * (L * F) + l * F)
+    go = tl.load(grow + fo[None, :], mask=m2, other=0.0)
+    pmask = offs < B
+    if PAIR:
+        # the two corners of an x-pair (bits 0 = 0, 1) land in one aligned 2F-float span when
+        # the first row is even and the second follows it (prime 1 on dimension 0, and
+        # dense stride 1): one 16-byte atomic for both then (F = 2)
+        jo = tl.arange(0, 2 * F)
+        go2 = tl.load(grow + (jo[None, :] % F), mask=pmask[:, None] & (jo[None, :] < 2 * F), other=0.0)
     s0 = tl.zeros([BLOCK], dtype=tl.float32)
     s1 = s0
     s2 = s0
     s3 = s0
-    for c in tl.static_range(1 << D):
-        wt, d0, d1, d2, d3, idx = _corner(c, D, HASHED, size, need_mod, w0, w1, w2, w3,
-                                          a00, a01, a10, a11, a20, a21, a30, a31)
-        rows = idx.to(tl.int32) + off
-        eoffs = rows[:, None] * F + fo[None, :]
+    for p in tl.static_range(1 << (D - 1)):
+        wa, da0, da1, da2, da3, ia = _corner(2 * p, D, HASHED, size, need_mod, w0, w1, w2, w3,
+                                             a00, a01, a10, a11, a20, a21, a30, a31)
+        wb, db0, db1, db2, db3, ib = _corner(2 * p + 1, D, HASHED, size, need_mod, w0, w1, w2, w3,
+                                             a00, a01, a10, a11, a20, a21, a30, a31)
+        ra = ia.to(tl.int32) + off
+        rb = ib.to(tl.int32) + off
+        ea = ra[:, None] * F + fo[None, :]
+        eb = rb[:, None] * F + fo[None, :]
         if TABLE_GRAD:
-            tl.atomic_add(gtab_ptr + eoffs, wt[:, None] * go, mask=m2, sem="relaxed")
+            if PAIR:
+                merged = ((ra & 1) == 0) & (rb == ra + 1)
+                span = (ra >> 1) * (2 * F)
+                vals = tl.where(jo[None, :] < F, wa[:, None], wb[:, None]) * go2
+                tl.atomic_add(gtab_ptr + (span[:, None] + jo[None, :]), vals,
+                              mask=(pmask & merged)[:, None] & (jo[None, :] < 2 * F), sem="relaxed")
+                single = (pmask & (merged == 0))[:, None] & (fo[None, :] < F)
+                tl.atomic_add(gtab_ptr + ea, wa[:, None] * go, mask=single, sem="relaxed")
+                tl.atomic_add(gtab_ptr + eb, wb[:, None] * go, mask=single, sem="relaxed")
+            else:
+                tl.atomic_add(gtab_ptr + ea, wa[:, None] * go, mask=m2, sem="relaxed")
+                tl.atomic_add(gtab_ptr + eb, wb[:, None] * go, mask=m2, sem="relaxed")
         if INPUT_GRAD:
-            feat = tl.load(table_ptr + eoffs)
-            gf = tl.sum(feat * go, axis=1)
-            s0 += gf * d0
+            fa = tl.sum(tl.load(table_ptr + ea) * go, axis=1)
+            fb = tl.sum(tl.load(table_ptr + eb) * go, axis=1)
+            s0 += fa * da0
+            s0 += fb * db0
             if D > 1:
-                s1 += gf * d1
+                s1 += fa * da1
+                s1 += fb * db1
             if D > 2:
-                s2 += gf * d2
+                s2 += fa * da2
+                s2 += fb * db2
             if D > 3:
-                s3 += gf * d3
+                s3 += fa * da3
+                s3 += fb * db3
     return s0 * scale, s1 * scale, s2 * scale, s3 * scale
 
 
@@ -357,13 +383,14 @@ def _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr,
                scale_ptr, res_ptr, size_ptr, offset_ptr,
                LO: tl.constexpr, HI: tl.constexpr, UNROLL: tl.constexpr, HASHED: tl.constexpr,
                BLOCK: tl.constexpr, D: tl.constexpr, F: tl.constexpr, L: tl.constexpr,
-               TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr, POS_F64: tl.constexpr):
+               TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr, PAIR: tl.constexpr,
+               POS_F64: tl.constexpr):
     """Levels LO..HI-1 of one block of points; returns the running input gradient."""
     if UNROLL:
         for l in tl.static_range(LO, HI):
             t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
                                         scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                        BLOCK, D, F, L, HASHED, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                        BLOCK, D, F, L, HASHED, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
             g0 += t0
             g1 += t1
             g2 += t2
@@ -372,7 +399,7 @@ def _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr,
         for l in range(LO, HI):
             t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, l, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
                                         scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                        BLOCK, D, F, L, HASHED, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                        BLOCK, D, F, L, HASHED, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
             g0 += t0
             g1 += t1
             g2 += t2
@@ -386,7 +413,8 @@ def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gpriv_ptr, gout_ptr, gx_ptr
                          D: tl.constexpr, F: tl.constexpr, L: tl.constexpr, N_DENSE: tl.constexpr,
                          N_PRIV: tl.constexpr, E_PRIV: tl.constexpr, REPLICAS: tl.constexpr,
                          BLOCK: tl.constexpr, MODE: tl.constexpr, UNROLL: tl.constexpr,
-                         TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr, POS_F64: tl.constexpr):
+                         TABLE_GRAD: tl.constexpr, INPUT_GRAD: tl.constexpr, PAIR: tl.constexpr,
+                         POS_F64: tl.constexpr):
     # MODE 0: program = block of points, loop over levels, dx accumulated in registers;
     #         the first N_PRIV (small, dense) levels scatter into one of REPLICAS private
     #         copies of their E_PRIV table rows (fewer same-address atomics), summed after.
@@ -412,13 +440,13 @@ def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gpriv_ptr, gout_ptr, gx_ptr
             priv = gpriv_ptr + (pid % REPLICAS) * (E_PRIV * F)
             g0, g1, g2, g3 = _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, priv, gout_ptr,
                                         scale_ptr, res_ptr, size_ptr, offset_ptr, 0, N_PRIV, UNROLL, False,
-                                        BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                        BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
         g0, g1, g2, g3 = _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr, gout_ptr,
                                     scale_ptr, res_ptr, size_ptr, offset_ptr, N_PRIV, N_DENSE, UNROLL, False,
-                                    BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                    BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
         g0, g1, g2, g3 = _bwd_range(g0, g1, g2, g3, x0, x1, x2, x3, offs, m2, B, table_ptr, gtab_ptr, gout_ptr,
                                     scale_ptr, res_ptr, size_ptr, offset_ptr, N_DENSE, L, UNROLL, True,
-                                    BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                    BLOCK, D, F, L, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
         if INPUT_GRAD:
             tl.store(gx_ptr + offs * D, g0, mask=pmask)
             if D > 1:
@@ -431,11 +459,11 @@ def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gpriv_ptr, gout_ptr, gx_ptr
         if lvl < N_DENSE:
             t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, lvl, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
                                         scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                        BLOCK, D, F, L, False, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                        BLOCK, D, F, L, False, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
         else:
             t0, t1, t2, t3 = _bwd_level(x0, x1, x2, x3, lvl, table_ptr, gtab_ptr, gout_ptr, offs, m2, B,
                                         scale_ptr, res_ptr, size_ptr, offset_ptr,
-                                        BLOCK, D, F, L, True, TABLE_GRAD, INPUT_GRAD, POS_F64)
+                                        BLOCK, D, F, L, True, TABLE_GRAD, INPUT_GRAD, PAIR, POS_F64)
         if INPUT_GRAD:
             base = gx_ptr + lvl.to(tl.int64) * B * D
             tl.store(base + offs * D, t0, mask=pmask)
@@ -455,7 +483,7 @@ def _hashgrid_bwd_kernel(x_ptr, table_ptr, gtab_ptr, gpriv_ptr, gout_ptr, gx_ptr
 class KernelOptions:
     """Launch choices; the defaults are the fastest measured (docs/kernels.md)."""
 
-    fwd_mode: str = "points"  # "points" (loop over levels) | "level-fast" | "level-slow"
+    fwd_mode: str = "auto"  # "points" (loop over levels) | "level-fast" | "level-slow" | "level-slow-direct" | "auto"
     fwd_block: int = 256
     fwd_warps: int = 4
     fwd_unroll: bool = False
@@ -463,13 +491,15 @@ class KernelOptions:
     bwd_block: int = 256
     bwd_warps: int = 4
     bwd_unroll: bool = False
-    bwd_replicas: int = 0  # >0: private gradient copies for the small dense levels ("points" mode)
+    bwd_pair: bool = False  # one 2F-wide atomic for an x-pair of corners in adjacent rows
+    bwd_replicas: int = 32  # >0: private gradient copies for the small dense levels ("points" mode)
     bwd_priv_max: int = 4096  # ... those with at most this many entries
     pos_f64: bool | None = None  # None: float64 emulation only under the interpreter
 
 
 DEFAULT_OPTIONS = KernelOptions()
-_FWD_MODES = {"points": 0, "level-fast": 1, "level-slow": 2}
+_FWD_MODES = {"points": 0, "level-fast": 1, "level-slow": 2, "level-slow-direct": 3}
+AUTO_MIN_POINTS = 1 << 16  # "auto" and the gradient replicas: level-major / replicas from here on
 _BWD_MODES = {"points": 0, "level-slow": 2}
 
 
@@ -526,8 +556,12 @@ def _pos_f64(opts: KernelOptions) -> bool:
 def _forward(x: torch.Tensor, table: torch.Tensor, plan: _Plan, opts: KernelOptions) -> torch.Tensor:
     B = x.shape[0]
     L, F, D = plan.L, plan.F, plan.n_dims
-    mode = _FWD_MODES[opts.fwd_mode]
+    name = opts.fwd_mode
+    if name == "auto":
+        name = "level-slow" if B >= AUTO_MIN_POINTS else "points"
+    mode = _FWD_MODES[name]
     out_lm = mode == 2
+    mode = min(mode, 2)  # level-slow-direct: level-slow order, (B, L * F) output
     out = _empty((L, B, F) if out_lm else (B, L * F), x.device)
     if B == 0:
         return out.view(B, L * F) if not out_lm else out.permute(1, 0, 2).reshape(B, L * F)
@@ -555,7 +589,8 @@ def _backward(x: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor, plan
     if B > 0 and (need_x or need_table):
         n_blocks = triton.cdiv(B, opts.bwd_block)
         grid = (n_blocks * (L if mode else 1),)
-        n_priv = plan.n_private(opts.bwd_priv_max) if (need_table and mode == 0 and opts.bwd_replicas > 0) else 0
+        use_priv = need_table and mode == 0 and opts.bwd_replicas > 0 and B >= AUTO_MIN_POINTS
+        n_priv = plan.n_private(opts.bwd_priv_max) if use_priv else 0
         e_priv = plan.level_offsets[n_priv]
         gpriv = torch.zeros(opts.bwd_replicas, e_priv * F, dtype=torch.float32, device=x.device) if n_priv else table
         _LAST_KERNELS["bwd"] = _hashgrid_bwd_kernel[grid](
@@ -563,7 +598,7 @@ def _backward(x: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor, plan
             plan.scale, plan.res, plan.size, plan.offset, B, n_blocks,
             D=D, F=F, L=L, N_DENSE=plan.n_dense, N_PRIV=n_priv, E_PRIV=e_priv,
             REPLICAS=max(1, opts.bwd_replicas), BLOCK=opts.bwd_block, MODE=mode,
-            UNROLL=opts.bwd_unroll, TABLE_GRAD=need_table, INPUT_GRAD=need_x,
+            UNROLL=opts.bwd_unroll, TABLE_GRAD=need_table, INPUT_GRAD=need_x, PAIR=opts.bwd_pair,
             POS_F64=_pos_f64(opts), num_warps=opts.bwd_warps)
         if n_priv:
             grad_table[:e_priv * F] += gpriv.sum(0)

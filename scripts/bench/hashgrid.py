@@ -129,20 +129,21 @@ def sweep(dims, log2: int, log) -> dict:
     from backend.encodings.triton_hashgrid import DEFAULT_OPTIONS, TritonHashGrid, with_options
 
     fwd_variants = {
-        "points b256 w4": {},
-        "points b128 w4": dict(fwd_block=128),
-        "points b512 w8": dict(fwd_block=512, fwd_warps=8),
-        "points-unroll b256 w4": dict(fwd_unroll=True),
-        "level-fast b256 w4": dict(fwd_mode="level-fast"),
+        "points b256 w4": dict(fwd_mode="points"),
         "level-slow b256 w4": dict(fwd_mode="level-slow"),
+        "level-slow b128 w4": dict(fwd_mode="level-slow", fwd_block=128),
+        "level-slow b512 w4": dict(fwd_mode="level-slow", fwd_block=512),
+        "level-slow b256 w8": dict(fwd_mode="level-slow", fwd_warps=8),
+        "level-slow-direct b256 w4": dict(fwd_mode="level-slow-direct"),
     }
-    bwd_variants = {
-        "points b256 w4": {},
-        "points b128 w4": dict(bwd_block=128),
-        "points b512 w8": dict(bwd_block=512, bwd_warps=8),
-        "points-unroll b256 w4": dict(bwd_unroll=True),
-        "level-slow b256 w4": dict(bwd_mode="level-slow"),
+    bwd_variants = {  # forward: the default (level-slow at this size)
+        "points b256 w4": dict(bwd_replicas=0),
         "points b256 w4 rep32": dict(bwd_replicas=32),
+        "points b256 w4 pair": dict(bwd_replicas=0, bwd_pair=True),
+        "points b256 w4 pair rep32": dict(bwd_replicas=32, bwd_pair=True),
+        "points b256 w4 pair rep64": dict(bwd_replicas=64, bwd_pair=True),
+        "points b256 w4 pair rep32 priv32k": dict(bwd_replicas=32, bwd_pair=True, bwd_priv_max=32768),
+        "points b128 w4 pair rep32": dict(bwd_block=128, bwd_replicas=32, bwd_pair=True),
     }
     cfg = GridConfig()
     B = 1 << log2
@@ -193,6 +194,51 @@ def kernel_report(D: int, out_dir: Path | None, log) -> None:
             f"shared {k.metadata.shared} B; PTX " + ", ".join(f"{p}: {c}" for p, c in counts.items()))
         if out_dir is not None:
             (out_dir / f"{name}{D}d.ptx").write_text(ptx)
+
+
+def overhead_report(D: int, log2: int, log) -> dict:
+    """Where the time goes at a small batch: autograd, direct calls, host submission."""
+    from backend.encodings import triton_hashgrid as th
+
+    cfg = GridConfig()
+    B = 1 << log2
+    enc = th.TritonHashGrid(D, cfg).to(DEVICE)
+    xs, gs = inputs(B, D, cfg.n_levels * cfg.n_features_per_level)
+    plan, opts, table = enc.plan(), enc.options, enc.params.detach()
+    res = {"autograd fwd+bwd+dx": time_ms(make_op(enc, "fwd+bwd+dx", xs, gs), len(xs))}
+
+    def direct(i):
+        th._forward(xs[i], table, plan, opts)
+        th._backward(xs[i], table, gs[i], plan, opts, True, True)
+
+    def fwd_only(i):
+        th._forward(xs[i], table, plan, opts)
+
+    res["direct fwd+bwd+dx"] = time_ms(direct, len(xs))
+    res["direct fwd"] = time_ms(fwd_only, len(xs))
+    for name, fn in (("host submit fwd+bwd+dx (autograd)", make_op(enc, "fwd+bwd+dx", xs, gs)),
+                     ("host submit direct fwd+bwd+dx", direct)):
+        _sync()
+        t0 = time.perf_counter()
+        for i in range(50):
+            fn(i % len(xs))
+        res[name] = (time.perf_counter() - t0) * 1e3 / 50
+        _sync()
+    # GPU time alone: replay a CUDA graph of the direct calls
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            direct(0)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            direct(0)
+        res["graph replay fwd+bwd+dx"] = time_ms(lambda i: g.replay(), 1)
+    except Exception as exc:
+        log(f"graph capture failed: {type(exc).__name__}: {exc}")
+    log(f"overhead {D}D 2^{log2}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.items()))
+    return res
 
 
 def best_options(sweep_res: dict, D: int):
@@ -251,6 +297,14 @@ def main(argv=None) -> int:
                 kernel_report(D, args.asm_dir, log)
             except Exception as exc:
                 log(f"kernel report failed: {type(exc).__name__}: {exc}")
+    if DEVICE == "cuda":
+        results["overhead"] = {}
+        for D in args.dims:
+            for lg in (14, 20):
+                try:
+                    results["overhead"][f"{D}D 2^{lg}"] = overhead_report(D, lg, log)
+                except Exception as exc:
+                    log(f"overhead report failed: {type(exc).__name__}: {exc}")
     if args.sweep:
         results["sweep"] = sweep(args.dims, args.sweep_log2, log)
     cfg = GridConfig()

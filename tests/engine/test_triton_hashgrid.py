@@ -131,20 +131,29 @@ def test_gradient_subsets(need_x, need_table):
 
 VARIANTS = [
     dict(fwd_mode="level-fast"), dict(fwd_mode="level-slow", bwd_mode="level-slow"),
-    dict(bwd_replicas=8, bwd_priv_max=1024),
-    dict(fwd_unroll=True, bwd_unroll=True), dict(fwd_block=64, bwd_block=128, fwd_warps=2),
-    dict(fwd_block=512, bwd_block=512, fwd_warps=8, bwd_warps=8),
+    dict(fwd_mode="level-slow-direct", bwd_pair=True),
+    dict(fwd_mode="points", bwd_pair=True, bwd_replicas=8, bwd_priv_max=1024),
+    dict(fwd_unroll=True, bwd_unroll=True),
+    dict(fwd_mode="points", fwd_block=64, bwd_block=128, fwd_warps=2),
+    dict(fwd_mode="level-slow", fwd_block=512, bwd_block=512, fwd_warps=8, bwd_warps=8),
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS if CUDA else VARIANTS[:3])
+@pytest.mark.parametrize("variant", VARIANTS if CUDA else VARIANTS[:5])
 def test_kernel_variants(variant):
     opts = th.with_options(**variant)
-    if CUDA:
-        _compare(3, DEFAULT, 50_001, options=opts)
-        _compare(2, DEFAULT, 50_001, options=opts)
+    if CUDA and "fwd_unroll" not in variant:  # unrolled 16-level kernels take long to compile
+        B = 1 << 16  # above AUTO_MIN_POINTS: the gradient replicas are used
+        _compare(3, DEFAULT, B + 1, options=opts)
+        _compare(2, DEFAULT, B + 3, options=opts)
+    elif CUDA:
+        _compare(3, SMALL, 50_001, options=opts)
     else:
-        _compare(2, SMALL, 150, options=opts)
+        th.AUTO_MIN_POINTS = 0  # exercise the replicas at interpreter sizes
+        try:
+            _compare(2, SMALL, 150, options=opts)
+        finally:
+            th.AUTO_MIN_POINTS = 1 << 16
 
 
 @pytest.mark.parametrize("mode", ["points", "level-slow"])
