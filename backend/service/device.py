@@ -57,11 +57,11 @@ def probe() -> dict[str, Any]:
     return info
 
 
-def probe_subprocess(timeout: float = 120.0) -> dict[str, Any]:
+def probe_subprocess(timeout: float = 120.0, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run probe() in a fresh interpreter; never raises."""
     try:
         out = subprocess.run([sys.executable, "-m", "backend.service.device"], capture_output=True,
-                             timeout=timeout, text=True, stdin=subprocess.DEVNULL)
+                             timeout=timeout, text=True, stdin=subprocess.DEVNULL, env=env)
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as e:  # noqa: BLE001
         return {"name": "unknown", "type": "unknown", "memory_total": None, "memory_free": None,

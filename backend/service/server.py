@@ -208,7 +208,7 @@ class Server:
 
     def _probe_device(self) -> None:
         from .device import probe_subprocess
-        info = probe_subprocess()
+        info = probe_subprocess(env=child_env())
         with self._device_lock:
             self.device = info
 
@@ -397,11 +397,13 @@ class Server:
         for ident, w in list(self.watchers.items()):
             if now - w["last"] > WATCH_TTL_S:
                 del self.watchers[ident]
-                continue
-            self._send(ident, P.make_header("heartbeat", {
-                "session": self.session, "time": time.time(),
+        if not self.watchers:
+            return
+        body = {"session": self.session, "time": time.time(),
                 "running": self.worker.job_id if self.worker else None,
-                "queued": sum(1 for _ in self.store.queued())}, session=self.session))
+                "queued": sum(1 for _ in self.store.queued())}
+        for ident in self.watchers:
+            self._send(ident, P.make_header("heartbeat", body, session=self.session))
 
     # ================================================================ workers
     def _start_worker(self, job: dict[str, Any]) -> None:
@@ -410,14 +412,11 @@ class Server:
         job["phase"] = job.get("phase") if job.get("phase") not in (None, "queued") else "load"
         job["error"] = None
         self.store.save(job)
-        env = dict(os.environ)
-        root = str(Path(backend.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(jdir / "worker.log", "ab")
         try:
             proc = subprocess.Popen([sys.executable, "-m", "backend.service.worker", str(jdir)],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf,
-                                    env=env, cwd=str(jdir))
+                                    env=child_env(), cwd=str(jdir))
         except OSError as e:
             logf.close()
             self._finish(job, "failed", error=P.error_dict("internal", f"cannot start the worker: {e}"))
@@ -489,7 +488,7 @@ class Server:
             job["elapsed_s"] = p.get("elapsed_s")
             job["losses"] = p.get("losses") if isinstance(p.get("losses"), dict) else None
             job["seq"] = int(job.get("seq") or 0) + 1
-            st = self._push_state.setdefault(job["job_id"], {"push": 0.0, "save": 0.0, "pushed_seq": 0})
+            st = self._push_entry(job["job_id"])
             if new_phase:
                 self.store.save(job)
                 st["save"] = time.monotonic()
@@ -578,8 +577,12 @@ class Server:
         for ident in self._watching(job["job_id"]):
             self._send(ident, P.make_header("job", info, session=self.session))
 
+    def _push_entry(self, job_id: str) -> dict[str, float]:
+        """When a running job's progress was last pushed and saved (for throttling)."""
+        return self._push_state.setdefault(job_id, {"push": 0.0, "save": 0.0, "pushed_seq": 0})
+
     def _push_progress(self, job: dict[str, Any]) -> None:
-        st = self._push_state.setdefault(job["job_id"], {"push": 0.0, "save": 0.0, "pushed_seq": 0})
+        st = self._push_entry(job["job_id"])
         st["push"], st["pushed_seq"] = time.monotonic(), job["seq"]
         body = {k: job.get(k) for k in ("job_id", "state", "phase", "iteration", "iterations", "fraction",
                                          "eta_s", "psnr", "message", "elapsed_s", "seq")}
@@ -899,6 +902,14 @@ class Server:
         up = self.uploads.pop(uid, None)
         if up is not None:
             shutil.rmtree(up["dir"], ignore_errors=True)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of worker and probe processes: ours, with this backend importable."""
+    env = dict(os.environ)
+    root = str(Path(backend.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def _source_name(src: Any) -> str:

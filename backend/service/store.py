@@ -116,6 +116,9 @@ class JobStore:
     def load(self) -> list[dict[str, Any]]:
         """Read every job record. Unreadable records are renamed aside and logged."""
         for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".deleted-"):  # a delete interrupted by a crash
+                shutil.rmtree(d, ignore_errors=True)
+                continue
             f = d / JOB_FILE
             if not d.is_dir() or not f.is_file():
                 continue
