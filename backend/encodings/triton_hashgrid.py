@@ -484,14 +484,14 @@ class KernelOptions:
     """Launch choices; the defaults are the fastest measured (docs/kernels.md)."""
 
     fwd_mode: str = "auto"  # "points" (loop over levels) | "level-fast" | "level-slow" | "level-slow-direct" | "auto"
-    fwd_block: int = 256
+    fwd_block: int = 512
     fwd_warps: int = 4
     fwd_unroll: bool = False
     bwd_mode: str = "points"  # "points" | "level-slow"
-    bwd_block: int = 256
+    bwd_block: int = 128
     bwd_warps: int = 4
     bwd_unroll: bool = False
-    bwd_pair: bool = False  # one 2F-wide atomic for an x-pair of corners in adjacent rows
+    bwd_pair: bool = True  # one 2F-wide atomic for an x-pair of corners in adjacent rows
     bwd_replicas: int = 32  # >0: private gradient copies for the small dense levels ("points" mode)
     bwd_priv_max: int = 4096  # ... those with at most this many entries
     pos_f64: bool | None = None  # None: float64 emulation only under the interpreter
