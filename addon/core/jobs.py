@@ -240,7 +240,8 @@ class Session:
             return
         if self.conn.state == "connected" and not force:
             return
-        self._set_conn("connecting", f"Connecting to {self.endpoint}")
+        if self.conn.state != "connected":  # a refresh keeps showing the connection
+            self._set_conn("connecting", f"Connecting to {self.endpoint}")
         self._hello_req = c.send("hello", {"client": "neural_atlas blender"}, callback=self._on_hello)
 
     def _on_hello(self, req: Any) -> None:
