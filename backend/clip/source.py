@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from ..errors import ClipError, ConfigError
+from .storage import DEFAULT_MMAP_THRESHOLD, allocate
 from .types import Clip
 from .video import VIDEO_SUFFIXES, open_video
 from .writers import read_image
@@ -90,7 +91,9 @@ def working_size(width: int, height: int, long_edge: int) -> tuple[int, int]:
 # ------------------------------------------------------------------ load_clip
 def load_clip(source: PathLike, *, masks: Optional[Sequence[PathLike]] = None,
               frame_range: Optional[tuple[int, Optional[int]]] = None,
-              long_edge: int = 768, max_frames: Optional[int] = None) -> Clip:
+              long_edge: int = 768, max_frames: Optional[int] = None,
+              scratch_dir: Optional[PathLike] = None,
+              mmap_threshold: Optional[int] = DEFAULT_MMAP_THRESHOLD) -> Clip:
     """Load a clip at its working resolution.
 
     source
@@ -114,9 +117,16 @@ def load_clip(source: PathLike, *, masks: Optional[Sequence[PathLike]] = None,
         aspect ratio kept; smaller clips keep their size.
     max_frames
         At most this many frames after the range (a warning says when it cuts).
+    scratch_dir, mmap_threshold
+        Frames or masks whose storage takes ``mmap_threshold`` bytes or more
+        (default 512 MiB; ``0`` always, ``None`` never) are memory-mapped from an
+        unlinked scratch file in ``scratch_dir`` (default: the system temporary
+        folder) instead of anonymous RAM; see :func:`backend.clip.storage.allocate`.
 
-    Frames are returned as float32 RGB in [0, 1]: grayscale is replicated,
-    alpha dropped, 16-bit divided by 65535. Raises :class:`ClipError`.
+    ``clip.frames`` reads as float32 RGB in [0, 1] (grayscale replicated, alpha
+    dropped, 16-bit divided by 65535) but is stored compactly: ``clip.frame_data``
+    is uint8 for 8-bit files and videos, uint16 for 16-bit files, float32 for float
+    images; masks are stored as bool. Raises :class:`ClipError`.
     """
     if int(long_edge) < 2:
         raise ConfigError(f"long_edge must be >= 2, got {long_edge}")
@@ -138,18 +148,22 @@ def load_clip(source: PathLike, *, masks: Optional[Sequence[PathLike]] = None,
 
     mask_sources = sorted((Path(m).expanduser() for m in masks or ()),
                           key=lambda p: (natural_key(_object_name(p)), str(p)))
+    store = {"scratch_dir": scratch_dir, "mmap_threshold": mmap_threshold}
     if src.is_dir():
-        loaded = _read_folder(frames_dir, frame_range, long_edge, max_frames)
+        loaded = _read_folder(frames_dir, frame_range, long_edge, max_frames, store)
     else:
-        loaded = _read_video(src, frame_range, long_edge, max_frames, need_total=bool(mask_sources))
+        loaded = _read_video(src, frame_range, long_edge, max_frames, store,
+                             need_total=bool(mask_sources))
     frames, names, total, (start, end), source_size, fps = loaded
     clip = Clip(frames=frames, frame_names=names, source=str(src.resolve()),
                 source_size=source_size, frame_range=(start, end), fps=fps)
     if mask_sources:
         size = (clip.width, clip.height)
         assert total is not None
-        clip.masks = np.stack([_load_mask(p, total, start, end, size) for p in mask_sources],
-                              axis=-1)
+        masks_out = allocate((end - start, size[1], size[0], len(mask_sources)), bool, **store)
+        for k, p in enumerate(mask_sources):
+            _load_mask(p, total, start, end, size, masks_out[..., k])
+        clip.masks = masks_out
         clip.mask_names = [_object_name(p) for p in mask_sources]
     return clip
 
@@ -159,35 +173,59 @@ _Loaded = tuple[np.ndarray, list[str], Optional[int], tuple[int, int], tuple[int
 
 
 class _FrameStack:
-    """Resized frames gathered into one preallocated float32 ``(F, H, W, 3)`` array.
+    """Resized frames gathered into one preallocated ``(F, H, W, 3)`` array of the source's type.
 
-    The array is allocated once at the expected count (growing only when a
-    video holds more frames than its container said), so peak memory is one
-    copy of the clip: this is where a memory-mapped store for long
-    high-resolution clips would plug in.
+    The array is allocated once at the expected count (growing only when a video
+    holds more frames than its container said) with :func:`allocate`, so a large
+    clip goes to a memory-mapped scratch file. Storage is uint8 for 8-bit sources,
+    uint16 for 16-bit ones and float32 for float images; a wider frame arriving
+    later widens the whole stack (uint8 -> uint16 is exact: v * 257).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, store: dict) -> None:
         self._capacity = max(1, capacity)
+        self._store = store
         self._array: Optional[np.ndarray] = None
         self.count = 0
 
     def append(self, frame: np.ndarray) -> None:
         if self._array is None:
-            self._array = np.empty((self._capacity,) + frame.shape, np.float32)
-        elif self.count == self._array.shape[0]:
-            grown = np.empty((2 * self.count,) + frame.shape, np.float32)
-            grown[: self.count] = self._array
-            self._array = grown
-        self._array[self.count] = frame
+            self._array = allocate((self._capacity,) + frame.shape, frame.dtype, **self._store)
+        elif frame.dtype != self._array.dtype:
+            wide = np.result_type(frame.dtype, self._array.dtype)
+            wide = np.dtype(np.float32) if wide.kind == "f" else wide
+            if wide != self._array.dtype:
+                self._regrow(self._array.shape[0], wide)
+        if self.count == self._array.shape[0]:
+            self._regrow(2 * self.count, self._array.dtype)
+        self._array[self.count] = _convert(frame, self._array.dtype)
         self.count += 1
+
+    def _regrow(self, capacity: int, dtype) -> None:
+        assert self._array is not None
+        grown = allocate((capacity,) + self._array.shape[1:], dtype, **self._store)
+        for i in range(self.count):
+            grown[i] = _convert(self._array[i], grown.dtype)
+        self._array = grown
 
     def result(self) -> np.ndarray:
         """The frames appended so far (at least one)."""
         assert self._array is not None
         if self.count == self._array.shape[0]:
             return self._array
-        return self._array[: self.count].copy()
+        return self._array[: self.count]
+
+
+def _convert(frame: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A frame in another storage type, same [0, 1] meaning (uint8 -> uint16 is exact)."""
+    if frame.dtype == dtype:
+        return frame
+    if frame.dtype == np.uint8 and dtype == np.uint16:
+        return frame.astype(np.uint16) * np.uint16(257)
+    if dtype.kind == "f":
+        scale = 1.0 if frame.dtype.kind == "f" else float(np.iinfo(frame.dtype).max)
+        return frame.astype(np.float32) / np.float32(scale)
+    raise TypeError(f"cannot store {frame.dtype} frames as {dtype}")
 
 
 class _Sizer:
@@ -212,8 +250,8 @@ class _Sizer:
                             f"{self.first[1]}x{self.first[2]}: all frames must have the same size")
         rgb = frame[:, :, :3]
         if self.work != (w, h):
-            rgb = cv2.resize(rgb, self.work, interpolation=cv2.INTER_AREA)
-        return np.clip(rgb, 0.0, 1.0)
+            rgb = cv2.resize(np.ascontiguousarray(rgb), self.work, interpolation=cv2.INTER_AREA)
+        return np.clip(rgb, 0.0, 1.0) if rgb.dtype.kind == "f" else rgb
 
 
 def _range_bounds(frame_range, path: Path) -> tuple[int, Optional[int]]:
@@ -257,7 +295,8 @@ def _require_two(n: int, path: Path) -> None:
                         "a clip needs at least 2 frames")
 
 
-def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional[int]) -> _Loaded:
+def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional[int],
+                 store: dict) -> _Loaded:
     files = list_images(folder)
     if not files:
         raise ClipError(f"no frames in {folder}: expected {', '.join(IMAGE_SUFFIXES)} files")
@@ -268,10 +307,10 @@ def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional
     end = _cap_end(start, stop, max_frames)
     assert end is not None
     _require_two(end - start, folder)
-    stack = _FrameStack(end - start)
+    stack = _FrameStack(end - start, store)
     sizer = _Sizer(long_edge)
     for p in files[start:end]:
-        stack.append(sizer(read_image(p), str(p)))
+        stack.append(sizer(read_image(p, native=True), str(p)))
     if end < stop:
         _warn_capped(folder, start, end, stop, max_frames)
     return (stack.result(), [p.name for p in files[start:end]], total, (start, end),
@@ -279,7 +318,7 @@ def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional
 
 
 def _read_video(path: Path, frame_range, long_edge: int, max_frames: Optional[int],
-                need_total: bool) -> _Loaded:
+                store: dict, need_total: bool) -> _Loaded:
     start, stop = _range_bounds(frame_range, path)
     end = _cap_end(start, stop, max_frames)
     # decode up to `stop` so that a range past the end is reported, or to the
@@ -287,7 +326,7 @@ def _read_video(path: Path, frame_range, long_edge: int, max_frames: Optional[in
     decode_until = None if need_total else (stop if stop is not None else end)
     stream = open_video(path)
     hint = stream.count_hint - start if stream.count_hint > start else 64
-    stack = _FrameStack(min(hint, end - start) if end is not None else hint)
+    stack = _FrameStack(min(hint, end - start) if end is not None else hint, store)
     sizer = _Sizer(long_edge)
     names: list[str] = []
     seen = 0
@@ -300,7 +339,7 @@ def _read_video(path: Path, frame_range, long_edge: int, max_frames: Optional[in
             seen = index + 1
             if start <= index and (end is None or index < end):
                 name = f"{index:05d}"
-                stack.append(sizer(rgb8.astype(np.float32) / 255.0, f"{name} of {path}"))
+                stack.append(sizer(rgb8, f"{name} of {path}"))
                 names.append(name)
     finally:
         stream.close()
@@ -332,8 +371,12 @@ def _binarize(img: np.ndarray) -> np.ndarray:
     return img[:, :, :3].max(axis=2) > 0.5
 
 
-def _load_mask(source: Path, total: int, start: int, end: int, size: tuple[int, int]) -> np.ndarray:
-    """One object's masks for source frames [start, end) as float32 (F, H, W) in {0, 1}."""
+def _load_mask(source: Path, total: int, start: int, end: int, size: tuple[int, int],
+               out: np.ndarray) -> None:
+    """One object's masks for source frames [start, end) into bool ``out`` (F, H, W).
+
+    Any mask size is accepted: each is binarised at its own size, then resized to the
+    working size with nearest-neighbour, so it stays binary."""
     name = _object_name(source)
     if not source.exists():
         raise ClipError(f"mask source for object {name!r} not found: {source}")
@@ -342,18 +385,25 @@ def _load_mask(source: Path, total: int, start: int, end: int, size: tuple[int, 
         if len(files) != total:
             raise ClipError(f"mask folder {source} has {len(files)} images but the clip has "
                             f"{total} frames: give one mask per frame")
-        binary = (_binarize(read_image(p)) for p in files[start:end])
+        binary = (_binarize(_read_mask_image(p, name)) for p in files[start:end])
     elif source.suffix.lower() in VIDEO_SUFFIXES:
         binary = _video_masks(source, total, start, end)
     else:
         raise ClipError(f"mask source {source} is neither a folder of images nor a video")
-    out = np.empty((end - start, size[1], size[0]), np.float32)
+    any_on = False
     for i, m in enumerate(binary):
-        out[i] = cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    if not out.any():
+        out[i] = cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        any_on = any_on or bool(out[i].any())
+    if not any_on:
         raise ClipError(f"the mask of object {name!r} ({source}) is empty in every frame "
                         f"{start}:{end} at the working size {size[0]}x{size[1]}")
-    return out
+
+
+def _read_mask_image(path: Path, name: str) -> np.ndarray:
+    try:
+        return read_image(path)
+    except ClipError as e:
+        raise ClipError(f"mask of object {name!r}: {e}") from None
 
 
 def _video_masks(source: Path, total: int, start: int, end: int) -> list[np.ndarray]:

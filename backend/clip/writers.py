@@ -37,13 +37,15 @@ __all__ = [
 
 
 # --------------------------------------------------------------------- reading
-def read_image(path: PathLike) -> np.ndarray:
+def read_image(path: PathLike, *, native: bool = False) -> np.ndarray:
     """Read an image file as float32 RGB ``(H, W, 3)`` or RGBA ``(H, W, 4)`` in [0, 1].
 
     8-bit files are divided by 255 and 16-bit files by 65535; float files
     (EXR/TIFF) are returned as stored. Grayscale becomes RGB by replication and
-    gray+alpha becomes RGBA. Raises :class:`ClipError` naming the file when it
-    is missing, unreadable or of an unsupported pixel type.
+    gray+alpha becomes RGBA. With ``native=True`` the channels are arranged the
+    same way but the values keep the file's type (uint8, uint16; float files as
+    float32): what ``load_clip`` stores. Raises :class:`ClipError` naming the file
+    when it is missing, unreadable or of an unsupported pixel type.
     """
     p = Path(path)
     try:
@@ -55,11 +57,13 @@ def read_image(path: PathLike) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise ClipError(f"cannot read image {p}: the file is empty, corrupt or not an image")
-    return _to_float_rgb(img, p)
+    return _to_float_rgb(img, p, native)
 
 
-def _to_float_rgb(img: np.ndarray, p: Path) -> np.ndarray:
-    if img.dtype == np.uint8:
+def _to_float_rgb(img: np.ndarray, p: Path, native: bool = False) -> np.ndarray:
+    if native and img.dtype in (np.uint8, np.uint16):
+        out = img
+    elif img.dtype == np.uint8:
         out = img.astype(np.float32) / 255.0
     elif img.dtype == np.uint16:
         out = img.astype(np.float32) / 65535.0

@@ -3,17 +3,24 @@
 The training losses need, for every consecutive pair (i, i+1), the forward
 flow i -> i+1, the backward flow i+1 -> i and a mask of pixels where the two
 agree (method.md 3.2). ``compute_flow`` produces them with a method from
-``FLOW_METHODS``; DIS (OpenCV, CPU, deterministic) is the default, RAFT plugs
-into the same registry later. Flows are (dx, dy) in pixels at the clip's
-working resolution.
+``FLOW_METHODS``: DIS (OpenCV, CPU, deterministic) is the offline default,
+RAFT (torchvision, ``raft_large``/``raft_small``, batched on the GPU) the
+quality option, and ``auto`` takes RAFT when its weights are on this machine
+and a GPU is present, DIS otherwise (saying why). Flows are (dx, dy) in pixels
+at the clip's working resolution, whatever resolution they were computed at.
+
+Frames are read a few pairs at a time and flows written as they come, into
+float16 memory-mapped ``.npy`` files when there is a cache folder, so long
+high-resolution clips never sit in RAM as float32.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +29,11 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
+from ..clip.source import working_size
+from ..clip.storage import DEFAULT_MMAP_THRESHOLD, allocate
 from ..clip.types import Clip
 from ..errors import ClipError, ConfigError, OutputError
+from .vision import VisionUnavailable, WeightsSpec, WeightsUnavailable  # noqa: F401 (re-export)
 
 #: A flow method: ``fn(src, dst)`` with ``src, dst`` uint8 RGB ``(B, H, W, 3)`` returns
 #: float32 ``(B, H, W, 2)`` flows (dx, dy) in px that map each ``src[b]`` pixel to ``dst[b]``.
@@ -43,22 +53,23 @@ DIS_PRESETS: dict[str, tuple[int, Optional[int]]] = {
 DIS_DEFAULT_PRESET = "fine"
 
 _PAIRS_PER_CALL = 8  # consecutive pairs handed to a flow method at once (a batch for RAFT)
-_CACHE_VERSION = 1
-
-
-def _cache_tag(method: str) -> str:
-    """What, beyond the method name, decides the flows: a cache made otherwise is stale."""
-    return f"dis/{DIS_DEFAULT_PRESET}" if method == "dis" else method
+_CACHE_VERSION = 2
 
 
 @dataclass
 class FlowSet:
     """Flows of a clip's consecutive pairs at its working resolution.
 
-    forward:     (F-1, H, W, 2) float32, ``forward[i]`` maps frame i -> i+1 (dx, dy) px.
-    backward:    (F-1, H, W, 2) float32, ``backward[i]`` maps frame i+1 -> i.
+    forward:     (F-1, H, W, 2), ``forward[i]`` maps frame i -> i+1 (dx, dy) px.
+    backward:    (F-1, H, W, 2), ``backward[i]`` maps frame i+1 -> i.
     forward_ok:  (F-1, H, W) bool, forward-backward consistent in frame i.
     backward_ok: (F-1, H, W) bool, consistent in frame i+1.
+
+    Flows are float32 arrays when computed without a cache folder, and read-only
+    float16 ``np.memmap`` views of the cache files when there is one (read a slice and
+    cast it, ``flow.forward[i].astype(np.float32)``; never the whole array at 1080p).
+    ``method`` is the method that produced them (``"dis"`` when ``"auto"`` fell back)
+    and ``tag`` what decided them (preset, weights, resolution).
     """
 
     forward: np.ndarray
@@ -67,6 +78,7 @@ class FlowSet:
     backward_ok: np.ndarray
     method: str
     consistency_px: float = 1.0
+    tag: str = ""
 
 
 # ------------------------------------------------------------------ methods
@@ -89,23 +101,65 @@ def dis_flow(src: np.ndarray, dst: np.ndarray, *, preset: str = DIS_DEFAULT_PRES
     return out
 
 
-class FlowMethodUnavailable(ConfigError, NotImplementedError):
-    """A registered flow method that cannot run in this build or environment."""
+#: Raised when a registered method cannot run here (torchvision missing, weights absent).
+FlowMethodUnavailable = VisionUnavailable
 
 
-def _raft_pending(name: str) -> FlowFn:
-    def unavailable(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        raise FlowMethodUnavailable(f"flow method {name!r} is not available yet: RAFT arrives with "
-                                    "the preprocessing issue; use method='dis'")
-    return unavailable
+class _LazyRaft:
+    """A RAFT flow method built on first use with default weights and device."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self._fn: Optional[FlowFn] = None
+
+    def __call__(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        if self._fn is None:
+            self._fn = make_flow_method(self.variant)
+        return self._fn(src, dst)
 
 
-#: Registered flow methods by name (the names ``clip.flow_method`` accepts).
+#: Registered flow methods by name (the names ``clip.flow_method`` accepts, plus "auto").
 FLOW_METHODS: dict[str, FlowFn] = {
     "dis": dis_flow,
-    "raft_small": _raft_pending("raft_small"),
-    "raft_large": _raft_pending("raft_large"),
+    "raft_small": _LazyRaft("raft_small"),
+    "raft_large": _LazyRaft("raft_large"),
 }
+
+#: ``compute_flow`` also takes this: RAFT (large) when usable, else DIS.
+AUTO = "auto"
+
+
+def make_flow_method(method: str, *, weights: WeightsSpec = "default", device: Optional[str] = None,
+                     batch_size: Optional[int] = None, iters: int = 12) -> FlowFn:
+    """A flow method ready to call: DIS, or a :class:`~backend.preprocess.raft.RaftFlow`.
+
+    Raises :class:`FlowMethodUnavailable` (torchvision missing) or its subclass
+    :class:`WeightsUnavailable` (weights file absent), both ``ConfigError``.
+    """
+    if method == "dis":
+        return dis_flow
+    if method in ("raft_small", "raft_large"):
+        from .raft import RaftFlow
+
+        return RaftFlow(method, weights=weights, device=device, batch_size=batch_size, iters=iters)
+    raise ConfigError(f"unknown flow method {method!r}; choose one of {', '.join(FLOW_METHODS)}, {AUTO}")
+
+
+def _auto_method(weights: WeightsSpec, device: Optional[str], batch_size: Optional[int]
+                 ) -> tuple[str, FlowFn, str]:
+    """(method, fn, note): RAFT large when torchvision, its weights and a GPU are all here."""
+    import torch
+
+    want_gpu = device is None or str(device).startswith("cuda")
+    if device is None and not torch.cuda.is_available():
+        return "dis", dis_flow, "flow: no GPU, using DIS (RAFT on the CPU takes seconds per pair)"
+    if not want_gpu:
+        return "dis", dis_flow, f"flow: device {device} is not a GPU, using DIS"
+    try:
+        return "raft_large", make_flow_method("raft_large", weights=weights, device=device,
+                                              batch_size=batch_size), ""
+    except VisionUnavailable as e:
+        return "dis", dis_flow, f"flow: RAFT unavailable, using DIS instead. {e}"
 
 
 # ---------------------------------------------------------------- utilities
@@ -162,106 +216,206 @@ def consistency_mask(f12: np.ndarray, f21: np.ndarray, threshold: float = 1.0) -
 # -------------------------------------------------------------- compute_flow
 def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str, os.PathLike]] = None,
                  consistency_px: float = 1.0,
-                 progress: Optional[Callable[[int, int], None]] = None) -> FlowSet:
+                 progress: Optional[Callable[[int, int], None]] = None, *,
+                 weights: WeightsSpec = "default", device: Optional[str] = None,
+                 long_edge: Optional[int] = None, batch_size: Optional[int] = None,
+                 mmap_threshold: Optional[int] = DEFAULT_MMAP_THRESHOLD) -> FlowSet:
     """Forward and backward flow of every consecutive pair of ``clip`` and their consistency.
 
     method
-        A :data:`FLOW_METHODS` name.
+        ``"dis"`` (default, offline), ``"raft_large"``, ``"raft_small"`` or ``"auto"``
+        (RAFT large when torchvision, its weights and a GPU are here, else DIS with a
+        warning). An explicit RAFT method whose weights are missing raises
+        :class:`WeightsUnavailable` rather than silently changing method.
     cache_dir
-        When given, flows are read from / written to
-        ``cache_dir/flow_<method>_<clip.fingerprint()>.npz``. The cache stores
-        float16 (a change far below DIS's error, see scripts/bench/flow_epe.py)
-        and a cached run returns flows rounded to float16 even the first time,
-        so that a rerun matches it exactly. Consistency masks are recomputed,
-        so ``consistency_px`` may change freely.
+        When given, flows live in ``cache_dir/flow_<method>_<clip.fingerprint()>/``:
+        ``forward.npy`` and ``backward.npy`` (float16, memory-mapped on read; the change
+        is far below DIS's error, see scripts/bench/flow_epe.py) plus ``meta.json``, and
+        the consistency masks for each ``consistency_px`` as ``ok_<px>.npy``. The
+        fingerprint covers every pixel, so changed frames, another frame range or
+        working size miss the cache; another DIS preset, RAFT weights file, iteration
+        count or ``long_edge`` makes it stale (recomputed with a warning). A cached run
+        returns float16 memmaps even the first time, so reruns match exactly.
+    weights, device, batch_size
+        RAFT only: ``"default"`` (torchvision's cache), a path or ``None`` (random);
+        the torch device (default CUDA when present); pairs per forward pass.
+    long_edge
+        Compute flow at most at this long edge (aspect kept) and rescale it to the
+        working size, per axis (:func:`rescale_flow`); default: the working size.
+    mmap_threshold
+        Without a cache folder, outputs this large (bytes) or larger go to scratch
+        memory-mapped files (see :func:`backend.clip.storage.allocate`).
     progress
         Called as ``progress(done_pairs, total_pairs)`` as pairs complete.
     """
-    if method not in FLOW_METHODS:
-        raise ConfigError(f"unknown flow method {method!r}; choose one of {', '.join(FLOW_METHODS)}")
+    if method != AUTO and method not in FLOW_METHODS:
+        raise ConfigError(f"unknown flow method {method!r}; choose one of {', '.join(FLOW_METHODS)}, {AUTO}")
     if clip.n_frames < 2:
         raise ClipError(f"optical flow needs at least 2 frames; the clip {clip.source} has {clip.n_frames}")
+    if long_edge is not None and int(long_edge) < 16:
+        raise ConfigError(f"flow long_edge must be >= 16, got {long_edge}")
     total = clip.n_frames - 1
-    shape = (total, clip.height, clip.width, 2)
-    cache = None
-    flows = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"flow_{method}_{clip.fingerprint()}.npz"
-        flows = _read_cache(cache, shape, _cache_tag(method))
-    if flows is not None:
+    H, W = clip.height, clip.width
+    shape = (total, H, W, 2)
+    fw, fh = working_size(W, H, int(long_edge)) if long_edge else (W, H)
+
+    fn: Optional[FlowFn] = dis_flow if method == "dis" else None
+    if method == AUTO:
+        method, fn, note = _auto_method(weights, device, batch_size)
+        if note:
+            warnings.warn(note, stacklevel=2)
+    tag = _tag(method, weights, fw, fh)
+    cache = Path(cache_dir) / f"flow_{method}_{clip.fingerprint()}" if cache_dir is not None else None
+    flows = _read_cache(cache, shape, tag) if cache is not None else None
+    if flows is not None:  # a hit: RAFT is never built, torchvision not even imported
         forward, backward = flows
         if progress is not None:
             progress(total, total)
     else:
-        forward, backward = _run_method(FLOW_METHODS[method], clip.frames, progress)
+        if fn is None:
+            fn = make_flow_method(method, weights=weights, device=device, batch_size=batch_size)
         if cache is not None:
-            # return exactly what a later cache hit returns, so reruns match
-            forward, backward = _write_cache(cache, forward, backward, _cache_tag(method))
-    return FlowSet(forward=forward, backward=backward,
-                   forward_ok=consistency_mask(forward, backward, consistency_px),
-                   backward_ok=consistency_mask(backward, forward, consistency_px),
-                   method=method, consistency_px=float(consistency_px))
+            forward, backward = _compute_into_cache(cache, clip, fn, (fw, fh), tag, progress)
+        else:
+            forward = allocate(shape, np.float32, mmap_threshold=mmap_threshold)
+            backward = allocate(shape, np.float32, mmap_threshold=mmap_threshold)
+            _run_method(fn, clip, forward, backward, (fw, fh), progress)
+    fok, bok = _consistency(forward, backward, consistency_px, cache, mmap_threshold)
+    return FlowSet(forward=forward, backward=backward, forward_ok=fok, backward_ok=bok,
+                   method=method, consistency_px=float(consistency_px), tag=tag)
 
 
-def _run_method(fn: FlowFn, frames: np.ndarray,
-                progress: Optional[Callable[[int, int], None]]) -> tuple[np.ndarray, np.ndarray]:
-    total = frames.shape[0] - 1
-    forward = np.empty((total,) + frames.shape[1:3] + (2,), np.float32)
-    backward = np.empty_like(forward)
-    for i in range(0, total, _PAIRS_PER_CALL):
-        j = min(total, i + _PAIRS_PER_CALL)
-        u8 = to_uint8(frames[i:j + 1])
+def _tag(method: str, weights: WeightsSpec, fw: int, fh: int) -> str:
+    """What, beyond the clip, decides the flows: a cache made otherwise is stale."""
+    if method == "dis":
+        return f"dis/{DIS_DEFAULT_PRESET}/{fw}x{fh}"
+    if weights is None:
+        w = "random"
+    elif str(weights) == "default":
+        w = "default"
+    else:
+        w = Path(weights).name
+    return f"{method}/{w}/iters12/{fw}x{fh}"
+
+
+def _run_method(fn: FlowFn, clip: Clip, forward: np.ndarray, backward: np.ndarray,
+                flow_size: tuple[int, int], progress: Optional[Callable[[int, int], None]]) -> None:
+    """Fill ``forward``/``backward`` (any float dtype, maybe memmaps) pair chunk by pair chunk."""
+    total = clip.n_frames - 1
+    H, W = clip.height, clip.width
+    fw, fh = flow_size
+    step = _PAIRS_PER_CALL
+    if hasattr(fn, "pairs_per_batch"):
+        step = max(step, (fn.pairs_per_batch(fh, fw) + 1) // 2)  # both directions go in one call
+    for i in range(0, total, step):
+        j = min(total, i + step)
+        u8 = clip.frames_uint8(i, j + 1)
+        if (fw, fh) != (W, H):
+            u8 = np.stack([cv2.resize(np.ascontiguousarray(f), (fw, fh), interpolation=cv2.INTER_AREA)
+                           for f in u8])
         first, second = u8[:-1], u8[1:]
         both = fn(np.concatenate([first, second]), np.concatenate([second, first]))
-        if both.shape != (2 * (j - i),) + frames.shape[1:3] + (2,):
+        if both.shape != (2 * (j - i), fh, fw, 2):
             raise ValueError(f"flow method returned shape {both.shape} for {2 * (j - i)} pairs "
-                             f"of {frames.shape[2]}x{frames.shape[1]} frames")
+                             f"of {fw}x{fh} frames")
+        if (fw, fh) != (W, H):
+            both = rescale_flow(both, W, H)
         forward[i:j] = both[: j - i]
         backward[i:j] = both[j - i:]
         if progress is not None:
             progress(j, total)
-    return forward, backward
 
 
-def _read_cache(path: Path, shape: tuple[int, ...],
+def _consistency(forward: np.ndarray, backward: np.ndarray, px: float, cache: Optional[Path],
+                 mmap_threshold: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Consistency masks, chunk by chunk; cached as ``ok_<px>.npy`` (2, F-1, H, W) bool."""
+    n = forward.shape[0]
+    path = cache / f"ok_{float(px):g}.npy" if cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            ok = np.load(path, mmap_mode="r")
+            if ok.shape == (2,) + forward.shape[:3] and ok.dtype == bool:
+                return ok[0], ok[1]
+        except (OSError, ValueError):
+            pass
+    if path is not None:
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.npy")
+        ok = np.lib.format.open_memmap(tmp, mode="w+", dtype=bool, shape=(2,) + forward.shape[:3])
+    else:
+        ok = allocate((2,) + forward.shape[:3], bool, mmap_threshold=mmap_threshold)
+    step = 8
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        f = np.asarray(forward[a:b], np.float32)
+        k = np.asarray(backward[a:b], np.float32)
+        ok[0, a:b] = consistency_mask(f, k, px)
+        ok[1, a:b] = consistency_mask(k, f, px)
+    if path is not None:
+        ok.flush()
+        del ok
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OutputError(f"cannot write the flow cache {path}: {e.strerror or e}") from None
+        ok = np.load(path, mmap_mode="r")
+    return ok[0], ok[1]
+
+
+# -------------------------------------------------------------------- cache
+def _cache_usable(folder: Path, shape: tuple[int, ...], tag: str) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == _CACHE_VERSION and meta.get("tag") == tag and \
+        tuple(meta.get("shape", ())) == shape
+
+
+def _read_cache(folder: Path, shape: tuple[int, ...],
                 tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """The cached (forward, backward) pair, or None when absent or unusable (with a warning)."""
-    if not path.is_file():
+    """The cached (forward, backward) float16 memmaps, or None when absent or unusable (warning)."""
+    if not folder.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            version = int(data["version"])
-            stored_tag = str(data["tag"])
-            forward = data["forward"].astype(np.float32)
-            backward = data["backward"].astype(np.float32)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        warnings.warn(f"ignoring unreadable flow cache {path}: {e}", stacklevel=3)
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        forward = np.load(folder / "forward.npy", mmap_mode="r")
+        backward = np.load(folder / "backward.npy", mmap_mode="r")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring unreadable flow cache {folder}: {e}", stacklevel=3)
         return None
-    if version != _CACHE_VERSION or stored_tag != tag:
-        warnings.warn(f"ignoring flow cache {path}: made by another version or method "
-                      f"({stored_tag}, now {tag})", stacklevel=3)
+    if meta.get("version") != _CACHE_VERSION or meta.get("tag") != tag:
+        warnings.warn(f"ignoring flow cache {folder}: made by another version or method "
+                      f"({meta.get('tag')}, now {tag})", stacklevel=3)
         return None
-    if forward.shape != shape or backward.shape != shape:
-        warnings.warn(f"ignoring flow cache {path}: it does not match this clip", stacklevel=3)
+    if forward.shape != shape or backward.shape != shape or forward.dtype != np.float16:
+        warnings.warn(f"ignoring flow cache {folder}: it does not match this clip", stacklevel=3)
         return None
     return forward, backward
 
 
-def _write_cache(path: Path, forward: np.ndarray, backward: np.ndarray,
-                 tag: str) -> tuple[np.ndarray, np.ndarray]:
-    """Store the flows as float16 and return them as read back (float32)."""
-    forward16 = forward.astype(np.float16)
-    backward16 = backward.astype(np.float16)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+def _compute_into_cache(folder: Path, clip: Clip, fn: FlowFn, flow_size: tuple[int, int], tag: str,
+                        progress) -> tuple[np.ndarray, np.ndarray]:
+    """Compute straight into float16 .npy memmaps in a temporary folder, then move it into place."""
+    shape = (clip.n_frames - 1, clip.height, clip.width, 2)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, version=np.int64(_CACHE_VERSION), tag=np.array(tag),
-                     forward=forward16, backward=backward16)
-        os.replace(tmp, path)
+        tmp.mkdir(parents=True)
+        forward = np.lib.format.open_memmap(tmp / "forward.npy", mode="w+", dtype=np.float16, shape=shape)
+        backward = np.lib.format.open_memmap(tmp / "backward.npy", mode="w+", dtype=np.float16, shape=shape)
+        _run_method(fn, clip, forward, backward, flow_size, progress)
+        forward.flush()
+        backward.flush()
+        del forward, backward
+        (tmp / "meta.json").write_text(json.dumps({"version": _CACHE_VERSION, "tag": tag,
+                                                   "shape": list(shape), "source": clip.source,
+                                                   "frame_range": list(clip.frame_range)}),
+                                       encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
     except OSError as e:
-        raise OutputError(f"cannot write the flow cache {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write the flow cache {folder}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
-            tmp.unlink()
-    return forward16.astype(np.float32), backward16.astype(np.float32)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return np.load(folder / "forward.npy", mmap_mode="r"), np.load(folder / "backward.npy", mmap_mode="r")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 
 import numpy as np
@@ -81,14 +83,18 @@ def test_compute_flow_needs_two_frames():
         compute_flow(clip)
 
 
-def test_unknown_and_pending_methods():
+def test_unknown_method_and_raft_without_torchvision(monkeypatch):
     clip = shifted_clip(n=2, width=32, height=24)
-    with pytest.raises(ConfigError, match="dis, raft_small, raft_large"):
+    with pytest.raises(ConfigError, match="dis, raft_small, raft_large, auto"):
         compute_flow(clip, method="farneback")
     assert set(FLOW_METHODS) == {"dis", "raft_small", "raft_large"}
-    with pytest.raises(FlowMethodUnavailable, match="RAFT arrives") as e:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if not installed
+    with pytest.raises(FlowMethodUnavailable, match="torchvision is not installed") as e:
         compute_flow(clip, method="raft_small")
-    assert isinstance(e.value, NotImplementedError)
+    assert isinstance(e.value, NotImplementedError) and isinstance(e.value, ConfigError)
+    with pytest.warns(UserWarning, match="DIS"):
+        fs = compute_flow(clip, method="auto", device="cuda")
+    assert fs.method == "dis"
 
 
 # ---------------------------------------------------------- consistency
@@ -138,25 +144,29 @@ def test_rescale_flow_scales_each_axis_by_its_own_factor():
 
 
 # ---------------------------------------------------------------- cache
-def test_cache_hit_reads_the_file(tmp_path):
+def cache_folder(tmp_path, clip, method="dis"):
+    return tmp_path / f"flow_{method}_{clip.fingerprint()}"
+
+
+def test_cache_hit_reads_the_files(tmp_path):
     clip = shifted_clip(n=3, width=48, height=32)
     first = compute_flow(clip, cache_dir=tmp_path / "cache")
-    files = list((tmp_path / "cache").iterdir())
-    assert [f.name for f in files] == [f"flow_dis_{clip.fingerprint()}.npz"]
+    folder = cache_folder(tmp_path / "cache", clip)
+    assert [f.name for f in (tmp_path / "cache").iterdir()] == [folder.name]
+    assert sorted(f.name for f in folder.iterdir()) == ["backward.npy", "forward.npy", "meta.json", "ok_1.npy"]
+    assert isinstance(first.forward, np.memmap) and first.forward.dtype == np.float16
     again = compute_flow(clip, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.forward, first.forward)
     np.testing.assert_array_equal(again.backward_ok, first.backward_ok)
     # float16 storage: the cached flows are within float16 rounding of a fresh run
     fresh = compute_flow(clip)
+    assert fresh.forward.dtype == np.float32
     np.testing.assert_allclose(first.forward, fresh.forward, atol=0.01)
-    # prove the second run came from the file: replace its content and read it back
-    with np.load(files[0]) as data:
-        stored = {k: data[k] for k in data.files}
-    stored["forward"] = np.zeros_like(stored["forward"])
-    with open(files[0], "wb") as f:
-        np.savez(f, **stored)
+    # prove the second run came from the files: replace their content and read it back
+    np.save(folder / "forward.npy", np.zeros(first.forward.shape, np.float16))
     hit = compute_flow(clip, cache_dir=tmp_path / "cache", consistency_px=0.5)
-    assert not hit.forward.any() and hit.consistency_px == 0.5
+    assert not np.asarray(hit.forward).any() and hit.consistency_px == 0.5
+    assert (folder / "ok_0.5.npy").is_file()
 
 
 def test_cache_invalidated_when_clip_changes(tmp_path):
@@ -165,14 +175,20 @@ def test_cache_invalidated_when_clip_changes(tmp_path):
     edited = Clip(frames=clip.frames[::-1].copy(), source=clip.source, frame_range=clip.frame_range)
     assert edited.fingerprint() != clip.fingerprint()
     reversed_flow = compute_flow(edited, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("flow_dis_*.npz"))) == 2
+    assert len(list(tmp_path.glob("flow_dis_*"))) == 2
     assert np.abs(reversed_flow.forward[:, 8:-8, 8:-8] + SHIFT).mean() < 0.1
+    # one changed pixel in one frame is enough
+    touched = clip.frame_data.copy()
+    touched[1, 5, 5] = 1.0 - touched[1, 5, 5]
+    assert Clip(frames=touched, source=clip.source, frame_range=clip.frame_range).fingerprint() \
+        != clip.fingerprint()
 
 
 def test_corrupt_cache_is_recomputed(tmp_path):
     clip = shifted_clip(n=2, width=48, height=32)
-    path = tmp_path / f"flow_dis_{clip.fingerprint()}.npz"
-    path.write_bytes(b"not an npz")
+    folder = cache_folder(tmp_path, clip)
+    folder.mkdir()
+    (folder / "meta.json").write_text("{not json")
     with pytest.warns(UserWarning, match="unreadable flow cache"):
         fs = compute_flow(clip, cache_dir=tmp_path)
     assert np.abs(fs.forward[:, 8:-8, 8:-8] - SHIFT).mean() < 0.1
@@ -184,16 +200,22 @@ def test_corrupt_cache_is_recomputed(tmp_path):
 def test_cache_made_with_other_dis_parameters_is_ignored(tmp_path):
     clip = shifted_clip(n=2, width=48, height=32)
     compute_flow(clip, cache_dir=tmp_path)
-    path = tmp_path / f"flow_dis_{clip.fingerprint()}.npz"
-    with np.load(path) as data:
-        stored = {k: data[k] for k in data.files}
-    stored["tag"] = np.array("dis/some-older-preset")
-    stored["forward"] = np.zeros_like(stored["forward"])
-    with open(path, "wb") as f:
-        np.savez(f, **stored)
+    folder = cache_folder(tmp_path, clip)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["tag"] = "dis/some-older-preset/48x32"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    np.save(folder / "forward.npy", np.zeros((1, 32, 48, 2), np.float16))
     with pytest.warns(UserWarning, match="some-older-preset"):
         fs = compute_flow(clip, cache_dir=tmp_path)
     assert np.abs(fs.forward[:, 8:-8, 8:-8] - SHIFT).mean() < 0.1
+
+
+def test_cache_keyed_by_flow_resolution(tmp_path):
+    clip = shifted_clip(n=2, width=128, height=96)
+    full = compute_flow(clip, cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="dis/fine/128x96, now dis/fine/64x48"):
+        half = compute_flow(clip, cache_dir=tmp_path, long_edge=64)
+    assert half.tag == "dis/fine/64x48" and full.tag == "dis/fine/128x96"
 
 
 def test_unwritable_cache_dir(tmp_path):
@@ -201,6 +223,23 @@ def test_unwritable_cache_dir(tmp_path):
     clip = shifted_clip(n=2, width=32, height=24)
     with pytest.raises(OutputError, match="flow cache"):
         compute_flow(clip, cache_dir=tmp_path / "blocker")
+
+
+def test_flow_at_lower_resolution_is_rescaled_per_axis():
+    # known motion (2.5, -1.25) px at 128x96; flow computed at 64x48 must come back in
+    # working-resolution pixels: each axis scaled by its own factor
+    clip = shifted_clip(n=2, width=128, height=96)
+    fs = compute_flow(clip, long_edge=64)
+    assert fs.forward.shape == (1, 96, 128, 2)
+    inner = fs.forward[0, 16:-16, 16:-16]
+    err = np.linalg.norm(inner - SHIFT, axis=-1)
+    # measured: mean 0.05 px at half resolution (0.015 px at full)
+    assert err.mean() < 0.15, err.mean()
+    # a non-square working size from a non-uniform source: 120x40 flow at 60x20
+    wide = Clip(frames=np.stack([sinusoids(120, 40, SHIFT * i) for i in range(2)]).astype(np.float32) / 255,
+                source="wide")
+    w = compute_flow(wide, long_edge=60)
+    assert np.linalg.norm(w.forward[0, 8:-8, 12:-12] - SHIFT, axis=-1).mean() < 0.2
 
 
 def test_flow_on_textured_png_clip(png_clip):
