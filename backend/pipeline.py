@@ -60,12 +60,18 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
     cancel = cancel or CancelToken()
     cfg = config.validate()
     t_start = time.perf_counter()
+    created = not Path(out_dir).expanduser().exists()
     out = prepare_output(out_dir)
     progress(Progress("load", message=f"reading {source}"))
     if clip is None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            clip = _load(source, cfg, masks, frame_range)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                clip = _load(source, cfg, masks, frame_range)
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # bad input leaves nothing behind
+            raise
         for w in caught:
             progress(Progress("load", message=str(w.message)))
     cfg.save(out / "config.toml")

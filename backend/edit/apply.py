@@ -105,8 +105,10 @@ def edit_delta(edit: np.ndarray, bits: int, atlas: np.ndarray, seen: np.ndarray)
         rgb = cv2.resize(rgb, (S, S), interpolation=cv2.INTER_LINEAR)
         changed = np.ones((S, S, 1), bool)
     else:
-        ref = np.round(atlas * q) / q  # the atlas as the file stored it
-        changed = (np.abs(rgb - ref) > 0.5 / q).any(-1, keepdims=True)
+        # the atlas as a file of this depth stores it; one level of slack absorbs rounding
+        # differences between tools (and 16 -> 8 bit conversions of the exported atlas)
+        ref = np.round(atlas * q) / q
+        changed = (np.abs(rgb - ref) > 1.0 / q + 1e-7).any(-1, keepdims=True)
     return np.where(changed, rgb - atlas, 0.0).astype(np.float32)
 
 
