@@ -61,10 +61,11 @@ def build_command(python: str, args: str, endpoint: str, workspace: str,
             "--parent-pid", str(parent_pid if parent_pid is not None else os.getpid())]
     if keys_dir:
         cmd += ["--keys", keys_dir]
-    if "--allow-root" not in cmd:
-        # the add-on's own folders (edits, rasterised masks) and the user's home (clips)
-        for root in allow_roots or []:
-            cmd += ["--allow-root", root]
+    # the add-on's own folders (edits, rasterised masks: the first root) are always readable;
+    # the other defaults (the user's home, for clips) only when the arguments name no roots
+    roots = list(allow_roots or [])
+    for root in roots if "--allow-root" not in cmd else roots[:1]:
+        cmd += ["--allow-root", root]
     return cmd
 
 

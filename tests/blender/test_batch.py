@@ -24,12 +24,16 @@ def run(args, tmp, timeout=300):
     return r.returncode, json.loads(last), r
 
 
-def test_bad_arguments_and_unreachable_backend(tmp_path, zip_path):
+def test_bad_arguments_and_unreachable_backend(tmp_path, zip_path, clip):
     code, out, _ = run(["explode"], str(tmp_path))
     assert code == 2 and out["status"] == "bad_arguments"
     code, out, _ = run(["decompose", "/nonexistent/clip.mp4", "--addon-zip", zip_path], str(tmp_path))
     assert code == 2 and "does not exist" in out["error"]
-    code, out, r = run(["decompose", os.path.join(ROOT, "README.md"), "--addon-zip", zip_path,
+    keys = tmp_path / "keys"  # a key exists, but nothing listens on the endpoint
+    keys.mkdir(mode=0o700)
+    (keys / "signing.key").write_text("ab" * 32 + "\n")
+    os.chmod(keys / "signing.key", 0o600)
+    code, out, r = run(["decompose", os.path.join(clip, "video_frames"), "--addon-zip", zip_path,
                         "--endpoint", "tcp://127.0.0.1:9", "--workspace", str(tmp_path / "ws")], str(tmp_path))
     assert code == 3 and out["status"] == "unreachable", r.stderr[-2000:]
     assert "tcp://127.0.0.1:9" in out["error"] and "firewall" in out["hint"].lower()
