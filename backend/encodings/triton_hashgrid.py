@@ -7,18 +7,21 @@ index ``sum_k c_k res_l^k`` (uint32 wraparound) on the dense levels and the XOR-
 the hashed ones, both modulo the level size; features are d-linearly interpolated and written
 level-major, ``(B, L * F)``.
 
-Kernels
--------
-* forward: by default one program per block of points that loops over all levels (dense
-  levels first, then hashed ones: ``n_dense`` is a compile-time constant, so each loop has
-  one index formula). Variants, for the benchmark: one program per (block, level), with
-  the level the fast or the slow program index, the latter writing a level-major scratch
-  ``(L, B, F)`` that is transposed afterwards (tiny-cuda-nn / torch-ngp's layout).
-* backward: one kernel recomputes positions and indices, scatters ``w * dL/dout`` into the
-  table gradient with relaxed fp32 atomics (vectorised to ``.v2.f32`` on Hopper when F is
-  even) and, only when the input needs a gradient, gathers the features (the same rows)
-  and accumulates ``dL/dx_k = sum_l scale_l sum_c <feat_c, dL/dout_l> dw_c/dfrac_k`` in
-  registers.
+Kernels (the defaults were the fastest measured on an H100; docs/kernels.md):
+
+* forward: one program per (block of points, level) with the level as the *slow* program
+  index, so the whole GPU works on one level's table at a time (it stays in L1); the output
+  goes to a level-major scratch ``(L, B, F)`` that is transposed to ``(B, L * F)`` after
+  (tiny-cuda-nn / torch-ngp's order). Below 2^16 points a block of points loops over the
+  levels instead ("points"). Dense levels come first, so ``n_dense`` is a compile-time
+  constant and each level body has one index formula.
+* backward: one kernel per block of points loops over the levels, recomputes positions and
+  indices, scatters ``w * dL/dout`` into the table gradient with relaxed fp32 atomics
+  (``atom.add.v2.f32``; the two corners of an x-pair that land in rows 2k, 2k+1 share one
+  ``atom.add.v4.f32``), and, only when the input needs a gradient, gathers the same rows'
+  features and accumulates ``dL/dx_k = sum_l scale_l sum_c <feat_c, dL/dout_l> dw_c/dfrac_k``
+  in registers. From 2^16 points the small dense levels (<= 4096 entries) scatter into 32
+  private copies summed afterwards (fewer same-address atomics).
 
 Integer semantics: the cell is converted float -> int64 -> uint32 (truncation: the
 reference's ``& 0xFFFFFFFF``), all index arithmetic is uint32 with wraparound. The dense
@@ -53,7 +56,7 @@ except Exception as exc:  # pragma: no cover - depends on the machine
 from ..config import GridConfig
 from .hashgrid import PRIMES, _HashGridFunction, grid_layout, n_params
 
-__all__ = ["TritonHashGrid", "KernelOptions", "DEFAULT_OPTIONS", "hashgrid_triton"]
+__all__ = ["TritonHashGrid", "KernelOptions", "DEFAULT_OPTIONS", "hashgrid_triton", "with_options"]
 
 _MAX_DIMS = 4
 

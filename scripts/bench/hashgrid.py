@@ -126,7 +126,7 @@ def inputs(B: int, D: int, L: int, n: int = 3):
 
 def sweep(dims, log2: int, log) -> dict:
     """Forward variants (timed on fwd) and backward variants (timed on fwd+bwd+dx)."""
-    from backend.encodings.triton_hashgrid import DEFAULT_OPTIONS, TritonHashGrid, with_options
+    from backend.encodings.triton_hashgrid import TritonHashGrid, with_options
 
     fwd_variants = {
         "points b256 w4": dict(fwd_mode="points"),
@@ -167,7 +167,6 @@ def sweep(dims, log2: int, log) -> dict:
                                                   ms=ms, mpts=B / ms / 1e3, compile_s=compile_s)
                 log(f"sweep D={D} {kind:3s} {name:24s} {op:11s} {ms:8.3f} ms  {B / ms / 1e3:8.1f} Mpt/s"
                     f"  (first call {compile_s:.1f} s)")
-    _ = DEFAULT_OPTIONS
     return res
 
 
