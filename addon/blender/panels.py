@@ -84,7 +84,7 @@ class NA_PT_decompose(_AtlasPanel, bpy.types.Panel):
             row.operator("neural_atlas.mask_remove", text="", icon="REMOVE")
             col.label(text=f"{len(st.masks)} object(s) + background = {len(st.masks) + 1} layers")
         else:
-            col.prop(st, "n_layers")
+            col.label(text="No masks: background layer only (add masks for objects)", icon="INFO")
         col.prop(st, "preset")
         row = col.row()
         row.prop(st, "use_scene_range")
