@@ -89,6 +89,12 @@ class TrainConfig:
     log_every: int = 500
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # GPU execution (no effect on CPU). CUDA graphs replay the whole step (same numerics);
+    # tf32 lets matrix products use TF32 tensor cores (the seed is plain fp32).
+    cuda_graphs: bool = True
+    tf32: bool = False
+    # evaluate full-frame PSNR every N iterations (0: never); its time is not training time
+    eval_every: int = 0
 
 
 @dataclass

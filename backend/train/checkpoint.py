@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 FORMAT = 1
 # config sections that must match to resume (iterations may be extended)
 _MATCH = ("model", "losses", "clip")
+_EXECUTION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 _MATCH_TRAIN = ("batch_size", "grid_lr", "mlp_lr", "pretrain_iterations", "pretrain_batch_size", "seed")
 
 
@@ -59,6 +60,7 @@ def save_checkpoint(folder: Path, trainer) -> Path:
         "seconds": st.seconds,
         "pretrain_seconds": st.pretrain_seconds,
         "history": st.history,
+        "evals": st.evals,
         "n_layers": trainer.n_layers,
         "geometry": [trainer.geom.width, trainer.geom.height, trainer.geom.n_frames],
         "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
@@ -120,7 +122,15 @@ def load_checkpoint(folder: Path, trainer) -> int:
         if k.startswith("optim."):
             _, pid, key = k.split(".", 2)
             state.setdefault(int(pid), {})[key] = v
-    trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # execution flags (fused, foreach, capturable, ...) belong to this machine, not the checkpoint
+    groups = []
+    for saved, current in zip(meta["param_groups"], trainer.optimizer.param_groups):
+        g = dict(saved)
+        for flag in _EXECUTION_FLAGS:
+            if flag in current:
+                g[flag] = current[flag]
+        groups.append(g)
+    trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
     trainer.gen.set_state(tensors["rng.sampler"])
     st = trainer.state
     st.iteration = int(meta["iteration"])
@@ -128,4 +138,5 @@ def load_checkpoint(folder: Path, trainer) -> int:
     st.seconds = float(meta["seconds"])
     st.pretrain_seconds = float(meta.get("pretrain_seconds", 0.0))
     st.history = list(meta.get("history", []))
+    st.evals = list(meta.get("evals", []))
     return st.iteration

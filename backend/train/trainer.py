@@ -44,6 +44,13 @@ class TrainState:
     seconds: float = 0.0  # training wall time, summed over resumes
     pretrain_seconds: float = 0.0
     history: list = field(default_factory=list)  # [iteration, seconds, batch psnr]
+    evals: list = field(default_factory=list)  # [iteration, seconds, psnr, psnr_no_residual]
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    losses: dict
 
 
 class Trainer:
@@ -58,11 +65,21 @@ class Trainer:
         self.geom = self.data.geometry
         self.model = LayeredModel(self.data.n_layers, self.cfg.model, self.device, seed=self.cfg.train.seed)
         t = self.cfg.train
-        self.optimizer = torch.optim.Adam(self.model.param_groups(t.grid_lr, t.mlp_lr))
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        self.use_graphs = cuda and t.cuda_graphs and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+        # fused Adam: one kernel for every parameter, and safe inside CUDA graphs
+        self.optimizer = torch.optim.Adam(self.model.param_groups(t.grid_lr, t.mlp_lr),
+                                          **({"fused": True} if cuda else {}))
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(t.seed)
         self.state = TrainState()
-        self._t_start = 0.0
+        self._graphs: dict[tuple, _Graph] = {}
+        self._eager_in_phase: dict[tuple, int] = {}
+        # constants used inside the step (no host-to-device copies while a graph is captured)
+        self._patch_offsets = torch.tensor([[0, 0], [-1, -1], [-1, 0], [-1, 1], [0, 1], [1, 1], [1, 0], [1, -1],
+                                            [0, -1]], device=self.device)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -180,8 +197,7 @@ class Trainer:
         x = torch.where(group == 0, 1, torch.where(group == 1, W - 2, rx))
         y = torch.where(group <= 1, ry, torch.where(group == 2, 1, H - 2))
         f = self._randint(0, F_, (n,))
-        off = torch.tensor([[0, 0], [-1, -1], [-1, 0], [-1, 1], [0, 1], [1, 1], [1, 0], [1, -1], [0, -1]],
-                           device=self.device)
+        off = self._patch_offsets
         px = (x[:, None] + off[:, 0]).reshape(-1).float()
         py = (y[:, None] + off[:, 1]).reshape(-1).float()
         pf = f[:, None].expand(n, 9).reshape(-1).float()
@@ -202,7 +218,7 @@ class Trainer:
                                 torch.where(group == 2, dv > 0, dv < 0)))
         return L.residual_consistency_loss(target, other, invisible)
 
-    def step(self, iteration: int) -> dict[str, torch.Tensor]:
+    def _eager_step(self, iteration: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(iteration)
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,8 +226,62 @@ class Trainer:
         self.optimizer.step()
         return losses
 
+    def phase(self, iteration: int) -> tuple[bool, bool]:
+        """Which scheduled terms are active: (alpha bootstrapping, global rigidity)."""
+        lc = self.cfg.losses
+        return iteration <= lc.alpha_bootstrapping_stop, iteration <= lc.global_rigidity_stop
+
+    def step(self, iteration: int) -> dict[str, torch.Tensor]:
+        """One optimisation step. On CUDA each schedule phase is captured once as a CUDA graph
+        after two eager warm-up steps, then replayed: the same kernels without launch overhead."""
+        if not self.use_graphs:
+            return self._eager_step(iteration)
+        key = self.phase(iteration)
+        g = self._graphs.get(key)
+        if g is not None:
+            g.graph.replay()
+            return g.losses
+        n = self._eager_in_phase.get(key, 0)
+        if n < 2:
+            self._eager_in_phase[key] = n + 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                losses = self._eager_step(iteration)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return losses
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            losses = self.compute_losses(iteration)
+            sum(losses.values()).backward()
+            self.optimizer.step()
+        self._graphs[key] = g = _Graph(graph, losses)
+        graph.replay()  # capture records without running: this is the step itself
+        return g.losses
+
     # ------------------------------------------------------------------- loop
-    def train(self, iterations: Optional[int] = None, checkpoint_dir: Optional[Path] = None) -> TrainState:
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Mean full-frame PSNR over the clip, with and without the residual (unclipped, as the seed)."""
+        from ..export.outputs import evaluate_frame
+        g = self.geom
+        ps, ps_nr = [], []
+        for f in range(g.n_frames):
+            ev = evaluate_frame(self.model, g, f)
+            a = ev["alpha"][..., None]
+            gt = self.data.frames[f]
+            rec = (ev["rgb"] * ev["residual"] * a).sum(0)
+            nr = (ev["rgb"] * a).sum(0)
+            ps.append(-10 * torch.log10(((rec - gt) ** 2).mean().clamp_min(1e-12)))
+            ps_nr.append(-10 * torch.log10(((nr - gt) ** 2).mean().clamp_min(1e-12)))
+        return float(torch.stack(ps).mean()), float(torch.stack(ps_nr).mean())
+
+    def train(self, iterations: Optional[int] = None, checkpoint_dir: Optional[Path] = None,
+              stop_after_s: Optional[float] = None) -> TrainState:
+        """Train up to ``iterations`` (default: the config's); ``stop_after_s`` ends earlier once that
+        much training time has passed (benchmarks)."""
         from .checkpoint import save_checkpoint
 
         total = self.cfg.train.iterations if iterations is None else iterations
@@ -223,6 +293,7 @@ class Trainer:
                 save_checkpoint(checkpoint_dir, self)
         report_every = max(1, min(self.cfg.train.log_every // 10, 50))
         every_ckpt = self.cfg.train.checkpoint_every
+        every_eval = self.cfg.train.eval_every
         t_last = time.perf_counter()
         it0, sec0 = st.iteration, st.seconds
         while st.iteration < total:
@@ -238,12 +309,27 @@ class Trainer:
             t_last = now
             if it % report_every == 0 or it == total:
                 self._report(losses, total, it0, sec0)
+            if every_eval and (it % every_eval == 0 or it == total):
+                self._sync()
+                st.seconds += time.perf_counter() - t_last
+                p, p_nr = self.evaluate()
+                st.evals.append([it, round(st.seconds, 3), round(p, 3), round(p_nr, 3)])
+                self.progress(Progress("train", iteration=it, iterations=total, psnr=p,
+                                       message=f"eval: psnr {p:.2f} dB ({p_nr:.2f} without residual)",
+                                       elapsed_s=st.seconds))
+                t_last = time.perf_counter()
             if checkpoint_dir is not None and it % every_ckpt == 0 and it < total:
                 save_checkpoint(checkpoint_dir, self)
                 t_last = time.perf_counter()
+            if stop_after_s is not None and st.seconds >= stop_after_s:
+                break
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, self)
         return st
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _report(self, losses: dict[str, torch.Tensor], total: int, it0: int, sec0: float) -> None:
         st = self.state
