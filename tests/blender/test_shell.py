@@ -136,12 +136,13 @@ def test_paint_setup(fresh, na, tmp_path):
     assert bpy.data.collections[paint.COLLECTION].hide_render
 
 
-def test_poller_body_is_bounded_and_unreachable_backend_explained(fresh, na):
+def test_poller_body_is_bounded_and_unreachable_backend_explained(fresh, na, tmp_path):
     bpy = fresh
     rt = na.blender.runtime
     assert rt.tick() == rt.TICK_IDLE_S  # no session: idle, no error
     p = bpy.context.preferences.addons[ADDON_MODULE].preferences
     p.endpoint, p.start_local = "tcp://127.0.0.1:9", False  # nothing listens on the discard port
+    p.keys_dir = str(tmp_path / "keys")  # an empty keys folder
     s = rt.session()
     s.timeout, s.retries = 0.3, 0
     # no signing key yet: the error says where it should be and what to do
@@ -151,7 +152,7 @@ def test_poller_body_is_bounded_and_unreachable_backend_explained(fresh, na):
     assert "Keys folder" in s.conn.hint
     from importlib import import_module
 
-    import_module(na.__name__ + ".core.signing").ensure_key()
+    import_module(na.__name__ + ".core.signing").ensure_key(str(tmp_path / "keys"))
     s.connect(force=True)
     import time
 
@@ -166,6 +167,7 @@ def test_poller_body_is_bounded_and_unreachable_backend_explained(fresh, na):
     assert s.conn.state == "unreachable"
     assert "tcp://127.0.0.1:9" in s.conn.message and "firewall" in s.conn.hint.lower()
     assert rt.get().last_error == ""
+    p.keys_dir = ""
 
 
 def test_decompose_without_a_strip_says_what_to_do(fresh, na):
