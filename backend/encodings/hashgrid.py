@@ -88,6 +88,7 @@ class _Layout:
         self.stride = torch.tensor([[lv.resolution ** k for k in range(n_dims)]
                                     for lv in layout[:self.n_dense]], dtype=torch.int64, device=device)
         self.primes = torch.tensor(PRIMES[:n_dims], dtype=torch.int64, device=device)
+        self.slope = torch.tensor([-1.0, 1.0], device=device)  # d(1 - f, f)/df
 
 
 def _outer(parts: list[torch.Tensor], op) -> torch.Tensor:
@@ -166,7 +167,7 @@ class _HashGridFunction(torch.autograd.Function):
             feats = table.view(-1, lay.n_features)[rows].to(torch.float32)  # (B, L, C, F)
             gf = torch.einsum("blcf,blf->blc", feats, g)  # dL/d(weight of corner c)
             factors = _weight_factors(frac, lay)
-            slope = torch.tensor([-1.0, 1.0], device=x.device)
+            slope = lay.slope
             cols = []
             for k in range(lay.n_dims):
                 parts = [slope.expand_as(f) if j == k else f for j, f in enumerate(factors)]

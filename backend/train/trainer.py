@@ -69,9 +69,10 @@ class Trainer:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = t.tf32
         self.use_graphs = cuda and t.cuda_graphs and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
-        # fused Adam: one kernel for every parameter, and safe inside CUDA graphs
+        # fused Adam: one kernel for every parameter; capturable: its step count lives on the
+        # device so the update can be replayed inside a CUDA graph
         self.optimizer = torch.optim.Adam(self.model.param_groups(t.grid_lr, t.mlp_lr),
-                                          **({"fused": True} if cuda else {}))
+                                          **({"fused": True, "capturable": True} if cuda else {}))
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(t.seed)
         self.state = TrainState()
@@ -250,6 +251,7 @@ class Trainer:
                 losses = self._eager_step(iteration)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return losses
+        self._graphs.clear()  # phases only move forward; free the previous phase's graph
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.gen)
         self.optimizer.zero_grad(set_to_none=True)

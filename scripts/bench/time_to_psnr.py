@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Time-to-PSNR of training variants on one clip, measured in one run on one device.
+
+    python scripts/bench/time_to_psnr.py --clip tennis --variants seed-eager:60 seed:240 gpu:240
+    python scripts/bench/time_to_psnr.py --clip synthetic --size 1920x1080 --frames 100 --variants gpu:240
+
+Each variant is ``NAME[:SECONDS]`` (training-time budget, pretraining included). Names:
+
+* ``seed-eager``: the seed's configuration, PyTorch hash grids, no CUDA graphs: a faithful
+  re-implementation without GPU engineering (the baseline).
+* ``seed``: the same model, losses, batch and learning rates, with the Triton grids and the
+  CUDA-graph step (identical per-iteration behaviour, faster).
+* ``gpu``: the preset tuned for time to quality (larger batch, TF32, shorter pretraining).
+
+Full-frame reconstruction PSNR (with and without the residual) is evaluated every
+``--eval-every`` iterations (not counted as training time). Prints a table with iterations
+per second, the time each variant needed to reach the target PSNRs, and the ratio against the
+first variant; writes everything as JSON to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from backend.clip import Clip, load_clip  # noqa: E402
+from backend.config import preset  # noqa: E402
+from backend.export.outputs import device_name  # noqa: E402
+from backend.preprocess.flow import FlowSet, compute_flow, consistency_mask, rescale_flow  # noqa: E402
+from backend.train import Trainer  # noqa: E402
+
+
+def variant_config(spec: str, eval_every: int):
+    """``NAME[+section.field=value...]``: a variant with overrides, e.g. ``fast+train.mlp_lr=3e-4``."""
+    name, *overrides = spec.split("+")
+    cfg = _base_config(name)
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        section, field = key.split(".")
+        cfg = cfg.replace(**{section: {field: json.loads(value)}})
+    return cfg.replace(train={"eval_every": eval_every, "iterations": 10 ** 7, "device": "cuda"})
+
+
+def _base_config(name: str):
+    if name == "seed-eager":
+        cfg = preset("seed").replace(model={"encoding_backend": "torch"}, train={"cuda_graphs": False})
+    elif name == "seed":
+        cfg = preset("seed")
+    else:
+        cfg = preset(name)
+    return cfg
+
+
+def load(args) -> Clip:
+    if args.clip == "tennis":
+        return load_clip(ROOT.parent / "shared" / "data" / "tennis", long_edge=768)
+    from backend.synthetic import make_synthetic_clip
+    w, h = (int(v) for v in args.size.split("x"))
+    return make_synthetic_clip(width=w, height=h, n_frames=args.frames, seed=0).clip
+
+
+def flow_for(clip: Clip, max_edge: int) -> tuple[FlowSet, float]:
+    """DIS flow, computed at most at ``max_edge`` long edge and rescaled per axis."""
+    t0 = time.perf_counter()
+    scale = max_edge / max(clip.width, clip.height)
+    if scale >= 1:
+        return compute_flow(clip), time.perf_counter() - t0
+    import cv2
+    w, h = round(clip.width * scale), round(clip.height * scale)
+    small = Clip(np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in clip.frames]),
+                 source=clip.source + f"@{w}x{h}")
+    fs = compute_flow(small)
+    fw = np.stack([rescale_flow(f, clip.width, clip.height) for f in fs.forward])
+    bw = np.stack([rescale_flow(f, clip.width, clip.height) for f in fs.backward])
+    flow = FlowSet(forward=fw, backward=bw, forward_ok=consistency_mask(fw, bw, 1.0),
+                   backward_ok=consistency_mask(bw, fw, 1.0), method="dis@%d" % max_edge, consistency_px=1.0)
+    return flow, time.perf_counter() - t0
+
+
+def time_to(evals, target):
+    for it, sec, p, _ in evals:
+        if p >= target:
+            return it, sec
+    return None, None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clip", choices=("tennis", "synthetic"), default="tennis")
+    ap.add_argument("--size", default="1920x1080")
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--variants", nargs="+", default=["seed-eager:60", "seed:180", "gpu:180"])
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--targets", type=float, nargs="+", default=[24.3, 26.2, 28.0, 30.0])
+    ap.add_argument("--flow-max-edge", type=int, default=960)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    clip = load(args)
+    flow, flow_s = flow_for(clip, args.flow_max_edge)
+    print(f"device: {device_name(dev)}; clip {args.clip} {clip.width}x{clip.height}x{clip.n_frames}, "
+          f"{clip.n_objects} object(s); flow {flow.method} {flow_s:.1f} s", flush=True)
+    results = []
+    for spec in args.variants:
+        name, _, budget = spec.partition(":")
+        budget_s = float(budget or 120)
+        cfg = variant_config(name, args.eval_every)
+        torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        tr = Trainer(clip, flow, cfg, dev)
+        setup_s = time.perf_counter() - t0
+        tr.pretrain()
+        torch.cuda.synchronize()
+        pre = tr.state.pretrain_seconds
+        try:
+            tr.train(stop_after_s=max(budget_s - pre, 1.0))
+        except torch.cuda.OutOfMemoryError as e:  # report and go on with the next variant
+            print(f"{name}: out of memory: {e}", flush=True)
+            continue
+        st = tr.state
+        if not st.evals or st.evals[-1][0] != st.iteration:
+            p, pn = tr.evaluate()
+            st.evals.append([st.iteration, round(st.seconds, 3), round(p, 3), round(pn, 3)])
+        evals = [[it, round(sec + pre, 2), p, pn] for it, sec, p, pn in st.evals]  # time incl. pretraining
+        rec = {"variant": name, "budget_s": budget_s, "pretrain_s": round(pre, 2), "setup_s": round(setup_s, 2),
+               "iterations": st.iteration, "train_s": round(st.seconds, 2),
+               "it_per_s": round(st.iteration / max(st.seconds, 1e-9), 2),
+               "final_psnr": evals[-1][2], "final_psnr_no_residual": evals[-1][3],
+               "peak_gpu_gb": round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2),
+               "batch": cfg.train.batch_size, "grid_backend": tr.model.grid_backend,
+               "cuda_graphs": tr.use_graphs, "evals": evals,
+               "time_to": {str(t): time_to(evals, t) for t in args.targets}}
+        results.append(rec)
+        print(json.dumps({k: v for k, v in rec.items() if k != "evals"}), flush=True)
+        print("  curve (it, s, psnr, psnr_nores):", evals, flush=True)
+        del tr
+        torch.cuda.empty_cache()
+    print(f"\n{'variant':12} {'it/s':>7} {'iters':>7} {'final dB':>8} " +
+          " ".join(f"{'t(' + str(t) + ')':>10}" for t in args.targets) + "   (seconds incl. pretraining)")
+    base = results[0] if results else None
+    for r in results:
+        cells = []
+        for t in args.targets:
+            it, sec = r["time_to"][str(t)]
+            cells.append(f"{sec:10.1f}" if sec is not None else f"{'-':>10}")
+        ratio = ""
+        if base is not None and r is not base:
+            ratio = f"  it/s x{r['it_per_s'] / max(base['it_per_s'], 1e-9):.1f} vs {base['variant']}"
+        print(f"{r['variant']:12} {r['it_per_s']:7.1f} {r['iterations']:7d} {r['final_psnr']:8.2f} " +
+              " ".join(cells) + ratio)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device_name(dev), "clip": args.clip,
+                                         "size": [clip.width, clip.height, clip.n_frames],
+                                         "flow_s": flow_s, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
