@@ -64,15 +64,20 @@ class Instance:
             out[cy0:cy1, cx0:cx1] |= self.crop[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
 
 
-def mask_iou(a: Instance, b: Instance) -> float:
-    """IoU of two cropped masks in frame coordinates."""
+def intersection(a: Instance, b: Instance) -> int:
+    """Pixels on in both cropped masks, in frame coordinates."""
     ax0, ay0, ax1, ay1 = a.box
     bx0, by0, bx1, by1 = b.box
     x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
-    inter = 0
-    if x0 < x1 and y0 < y1:
-        inter = int(np.count_nonzero(a.crop[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
-                                     & b.crop[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]))
+    if x0 >= x1 or y0 >= y1:
+        return 0
+    return int(np.count_nonzero(a.crop[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
+                                & b.crop[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]))
+
+
+def mask_iou(a: Instance, b: Instance) -> float:
+    """IoU of two cropped masks in frame coordinates."""
+    inter = intersection(a, b)
     union = a.area + b.area - inter
     return inter / union if union else 0.0
 
@@ -148,26 +153,65 @@ class Track:
     def score(self) -> float:
         return float(sum(i.score for i in self.seen.values()))
 
-    def predict(self, t: int) -> Instance:
-        """The last mask moved to frame ``t`` by the centroid velocity of the last two sightings."""
-        frames = sorted(self.seen)
-        last = self.seen[frames[-1]]
+    def velocity(self, window: int = 5) -> np.ndarray:
+        """Centroid velocity (px per frame): least-squares slope over the last sightings."""
+        frames = sorted(self.seen)[-window:]
         if len(frames) < 2:
-            return last
-        prev = self.seen[frames[-2]]
-        velocity = (last.centroid() - prev.centroid()) / (frames[-1] - frames[-2])
-        dx, dy = np.rint(velocity * (t - frames[-1])).astype(int)
-        return last.shifted(int(dx), int(dy))
+            return np.zeros(2)
+        t = np.array(frames, np.float64)
+        c = np.array([self.seen[f].centroid() for f in frames])
+        t -= t.mean()
+        return (t[:, None] * (c - c.mean(axis=0))).sum(axis=0) / (t * t).sum()
+
+    def predict(self, t: int) -> Instance:
+        """The last mask moved to frame ``t`` by the track's recent velocity."""
+        last = max(self.seen)
+        dx, dy = np.rint(self.velocity() * (t - last)).astype(int)
+        return self.seen[last].shifted(int(dx), int(dy))
+
+    def predict_extent(self, t: int, window: int = 5) -> Instance:
+        """The largest recent mask moved to frame ``t``: the object's whole extent even when its
+        last sightings were partly occluded."""
+        recent = sorted(self.seen)[-window:]
+        f = max(recent, key=lambda k: (self.seen[k].area, k))
+        dx, dy = np.rint(self.velocity() * (t - f)).astype(int)
+        return self.seen[f].shifted(int(dx), int(dy))
+
+
+def overlap(a: Instance, b: Instance) -> float:
+    """Intersection over the smaller area: 1 when one mask lies inside the other."""
+    return intersection(a, b) / max(1, min(a.area, b.area))
+
+
+def _match(tracks: list[Track], live: list[int], instances: list[Instance], t: int,
+           score, least: float, same_label: bool) -> list[tuple[int, int]]:
+    """Minimum-cost pairs (track index, instance index) with ``score(track, inst) >= least``."""
+    if not live or not instances:
+        return []
+    cost = np.full((len(live), len(instances)), FORBIDDEN)
+    for a, k in enumerate(live):
+        for b, inst in enumerate(instances):
+            if same_label and tracks[k].label != inst.label:
+                continue
+            value = score(tracks[k], inst)
+            if value >= least:
+                cost[a, b] = 1.0 - value
+    rows, cols = linear_sum_assignment(cost)
+    return [(live[a], int(b)) for a, b in zip(rows, cols) if cost[a, b] < FORBIDDEN]
 
 
 def associate(per_frame: list[list[Instance]], *, min_iou: float = 0.1, max_gap: int = 10,
-              same_label: bool = True) -> list[Track]:
+              min_overlap: float = 0.6, same_label: bool = True) -> list[Track]:
     """Link per-frame instances into tracks (module docstring); returns every track.
+
+    Each frame is matched in two rounds, each a minimum-cost assignment: first by IoU
+    between a track's last mask (moved by its velocity) and the instances, at least
+    ``min_iou``; then, for what is left, by how much of an instance lies inside the
+    track's whole recent extent (:meth:`Track.predict_extent`), at least ``min_overlap``,
+    which keeps an object that is briefly almost hidden behind another.
 
     per_frame
         ``per_frame[t]``: the instances detected in frame t (any order).
-    min_iou
-        Least IoU between a track's predicted mask and an instance for them to match.
     max_gap
         Frames a track may go unseen and still be continued.
     same_label
@@ -176,24 +220,20 @@ def associate(per_frame: list[list[Instance]], *, min_iou: float = 0.1, max_gap:
     tracks: list[Track] = []
     for t, instances in enumerate(per_frame):
         live = [k for k, tr in enumerate(tracks) if t - tr.last_frame <= max_gap + 1]
-        matched_dets: set[int] = set()
-        if live and instances:
-            predicted = [tracks[k].predict(t) for k in live]
-            cost = np.full((len(live), len(instances)), FORBIDDEN)
-            for a, p in enumerate(predicted):
-                for b, inst in enumerate(instances):
-                    if same_label and p.label != inst.label:
-                        continue
-                    iou = mask_iou(p, inst)
-                    if iou >= min_iou:
-                        cost[a, b] = 1.0 - iou
-            rows, cols = linear_sum_assignment(cost)
-            for a, b in zip(rows, cols):
-                if cost[a, b] < FORBIDDEN:
-                    tracks[live[a]].seen[t] = instances[b]
-                    matched_dets.add(int(b))
+        pairs = _match(tracks, live, instances, t, lambda tr, inst: mask_iou(tr.predict(t), inst),
+                       min_iou, same_label)
+        used_tracks = {k for k, _ in pairs}
+        used_dets = {b for _, b in pairs}
+        rest_tracks = [k for k in live if k not in used_tracks]
+        rest = [b for b in range(len(instances)) if b not in used_dets]
+        second = _match(tracks, rest_tracks, [instances[b] for b in rest], t,
+                        lambda tr, inst: overlap(tr.predict_extent(t), inst), min_overlap, same_label)
+        pairs += [(k, rest[b]) for k, b in second]
+        for k, b in pairs:
+            tracks[k].seen[t] = instances[b]
+        used_dets = {b for _, b in pairs}
         for b, inst in enumerate(instances):
-            if b not in matched_dets:
+            if b not in used_dets:
                 tracks.append(Track(len(tracks), inst.label, {t: inst}))
     return tracks
 

@@ -145,8 +145,8 @@ def make_flow_method(method: str, *, weights: WeightsSpec = "default", device: O
     raise ConfigError(f"unknown flow method {method!r}; choose one of {', '.join(FLOW_METHODS)}, {AUTO}")
 
 
-def _auto_method(weights: WeightsSpec, device: Optional[str], batch_size: Optional[int]
-                 ) -> tuple[str, FlowFn, str]:
+def _auto_method(weights: WeightsSpec, device: Optional[str], batch_size: Optional[int],
+                 iters: int = 12) -> tuple[str, FlowFn, str]:
     """(method, fn, note): RAFT large when torchvision, its weights and a GPU are all here."""
     import torch
 
@@ -157,7 +157,7 @@ def _auto_method(weights: WeightsSpec, device: Optional[str], batch_size: Option
         return "dis", dis_flow, f"flow: device {device} is not a GPU, using DIS"
     try:
         return "raft_large", make_flow_method("raft_large", weights=weights, device=device,
-                                              batch_size=batch_size), ""
+                                              batch_size=batch_size, iters=iters), ""
     except VisionUnavailable as e:
         return "dis", dis_flow, f"flow: RAFT unavailable, using DIS instead. {e}"
 
@@ -219,6 +219,7 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
                  progress: Optional[Callable[[int, int], None]] = None, *,
                  weights: WeightsSpec = "default", device: Optional[str] = None,
                  long_edge: Optional[int] = None, batch_size: Optional[int] = None,
+                 iters: int = 12,
                  mmap_threshold: Optional[int] = DEFAULT_MMAP_THRESHOLD) -> FlowSet:
     """Forward and backward flow of every consecutive pair of ``clip`` and their consistency.
 
@@ -236,9 +237,10 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
         working size miss the cache; another DIS preset, RAFT weights file, iteration
         count or ``long_edge`` makes it stale (recomputed with a warning). A cached run
         returns float16 memmaps even the first time, so reruns match exactly.
-    weights, device, batch_size
+    weights, device, batch_size, iters
         RAFT only: ``"default"`` (torchvision's cache), a path or ``None`` (random);
-        the torch device (default CUDA when present); pairs per forward pass.
+        the torch device (default CUDA when present); pairs per forward pass;
+        refinement iterations (torchvision's default 12, the seed 20).
     long_edge
         Compute flow at most at this long edge (aspect kept) and rescale it to the
         working size, per axis (:func:`rescale_flow`); default: the working size.
@@ -261,10 +263,10 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
 
     fn: Optional[FlowFn] = dis_flow if method == "dis" else None
     if method == AUTO:
-        method, fn, note = _auto_method(weights, device, batch_size)
+        method, fn, note = _auto_method(weights, device, batch_size, iters)
         if note:
             warnings.warn(note, stacklevel=2)
-    tag = _tag(method, weights, fw, fh)
+    tag = _tag(method, weights, fw, fh, iters)
     cache = Path(cache_dir) / f"flow_{method}_{clip.fingerprint()}" if cache_dir is not None else None
     flows = _read_cache(cache, shape, tag) if cache is not None else None
     if flows is not None:  # a hit: RAFT is never built, torchvision not even imported
@@ -273,7 +275,8 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
             progress(total, total)
     else:
         if fn is None:
-            fn = make_flow_method(method, weights=weights, device=device, batch_size=batch_size)
+            fn = make_flow_method(method, weights=weights, device=device, batch_size=batch_size,
+                                  iters=iters)
         if cache is not None:
             forward, backward = _compute_into_cache(cache, clip, fn, (fw, fh), tag, progress)
         else:
@@ -285,7 +288,7 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
                    method=method, consistency_px=float(consistency_px), tag=tag)
 
 
-def _tag(method: str, weights: WeightsSpec, fw: int, fh: int) -> str:
+def _tag(method: str, weights: WeightsSpec, fw: int, fh: int, iters: int = 12) -> str:
     """What, beyond the clip, decides the flows: a cache made otherwise is stale."""
     if method == "dis":
         return f"dis/{DIS_DEFAULT_PRESET}/{fw}x{fh}"
@@ -295,7 +298,7 @@ def _tag(method: str, weights: WeightsSpec, fw: int, fh: int) -> str:
         w = "default"
     else:
         w = Path(weights).name
-    return f"{method}/{w}/iters12/{fw}x{fh}"
+    return f"{method}/{w}/iters{int(iters)}/{fw}x{fh}"
 
 
 def _run_method(fn: FlowFn, clip: Clip, forward: np.ndarray, backward: np.ndarray,

@@ -111,6 +111,24 @@ class RaftFlow:
         self.amp = bool(amp) and self.device.type == "cuda"
         self._torch = torch
 
+    @classmethod
+    def from_model(cls, model, device: Optional[str] = "cpu", iters: int = 12,
+                   batch_size: Optional[int] = None, amp: bool = False) -> "RaftFlow":
+        """Wrap an already built RAFT-like module (``model(img1, img2, num_flow_updates=n)``
+        returning a list of ``(B, 2, H, W)`` flows); no torchvision import, no weights lookup."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.variant = type(model).__name__
+        self.weights_path = None
+        self.device = pick_device(device)
+        self.model = model.eval().to(self.device)
+        self.iters = int(iters)
+        self.batch_size = batch_size
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self._torch = torch
+        return self
+
     @property
     def tag(self) -> str:
         """What decides the flows (for the cache): variant, weights file, iterations."""

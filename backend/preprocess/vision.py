@@ -11,7 +11,8 @@ not exist". The models themselves are plain PyTorch except two operators, so ins
 of giving up we import torchvision without its operator registrations for
 ``torch.compile`` (the only module that needs the compiled library at import time) and
 use pure-PyTorch versions of the two: torchvision's own Python ``roi_align`` (which it
-selects by itself when its operators are missing) and the ``nms`` below. A warning says
+selects by itself when its operators are missing; we run it eagerly rather than through
+``torch.compile``) and the ``nms`` below. A warning says
 so once. RAFT needs neither; Mask R-CNN is slower on CPU this way but gives the same
 detections.
 
@@ -95,6 +96,12 @@ def import_torchvision():
                                 f"then {e}); install the torchvision release built for your torch") from None
     torchvision.ops.boxes.nms = nms
     torchvision.ops.nms = nms
+    # torchvision wraps its Python roi_align in torch.compile (compiling costs seconds per
+    # new shape on a CPU, minutes for a clip); run it eagerly instead
+    ra = sys.modules.get("torchvision.ops.roi_align")
+    eager = getattr(getattr(ra, "_roi_align", None), "__wrapped__", None)
+    if eager is not None:
+        ra._roi_align = eager
     _compat_mode = True
     import torch
     warnings.warn(f"torchvision {torchvision.__version__} cannot load its compiled operators beside "
