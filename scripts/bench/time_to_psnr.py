@@ -62,7 +62,7 @@ def _base_config(name: str):
 
 def load(args) -> Clip:
     if args.clip == "tennis":
-        return load_clip(ROOT.parent / "shared" / "data" / "tennis", long_edge=768)
+        return load_clip(args.tennis, long_edge=768)
     from backend.synthetic import make_synthetic_clip
     w, h = (int(v) for v in args.size.split("x"))
     return make_synthetic_clip(width=w, height=h, n_frames=args.frames, seed=0).clip
@@ -96,6 +96,7 @@ def time_to(evals, target):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clip", choices=("tennis", "synthetic"), default="tennis")
+    ap.add_argument("--tennis", type=Path, default=ROOT.parent / "shared" / "data" / "tennis")
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["seed-eager:60", "seed:180", "gpu:180"])
@@ -103,11 +104,13 @@ def main() -> int:
     ap.add_argument("--targets", type=float, nargs="+", default=[24.3, 26.2, 28.0, 30.0])
     ap.add_argument("--flow-max-edge", type=int, default=960)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cuda", help="cuda (benchmarks) or cpu (a smoke test)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    dev = torch.device("cuda")
+    cuda = dev.type == "cuda"
     clip = load(args)
     flow, flow_s = flow_for(clip, args.flow_max_edge)
     print(f"device: {device_name(dev)}; clip {args.clip} {clip.width}x{clip.height}x{clip.n_frames}, "
@@ -116,13 +119,15 @@ def main() -> int:
     for spec in args.variants:
         name, _, budget = spec.partition(":")
         budget_s = float(budget or 120)
-        cfg = variant_config(name, args.eval_every)
-        torch.cuda.reset_peak_memory_stats(dev)
+        cfg = variant_config(name, args.eval_every).replace(train={"device": str(dev)})
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         tr = Trainer(clip, flow, cfg, dev)
         setup_s = time.perf_counter() - t0
         tr.pretrain()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         pre = tr.state.pretrain_seconds
         try:
             tr.train(stop_after_s=max(budget_s - pre, 1.0))
@@ -138,7 +143,7 @@ def main() -> int:
                "iterations": st.iteration, "train_s": round(st.seconds, 2),
                "it_per_s": round(st.iteration / max(st.seconds, 1e-9), 2),
                "final_psnr": evals[-1][2], "final_psnr_no_residual": evals[-1][3],
-               "peak_gpu_gb": round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2),
+               "peak_gpu_gb": round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2) if cuda else None,
                "batch": cfg.train.batch_size, "grid_backend": tr.model.grid_backend,
                "cuda_graphs": tr.use_graphs, "evals": evals,
                "time_to": {str(t): time_to(evals, t) for t in args.targets}}
@@ -146,7 +151,8 @@ def main() -> int:
         print(json.dumps({k: v for k, v in rec.items() if k != "evals"}), flush=True)
         print("  curve (it, s, psnr, psnr_nores):", evals, flush=True)
         del tr
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     print(f"\n{'variant':12} {'it/s':>7} {'iters':>7} {'final dB':>8} " +
           " ".join(f"{'t(' + str(t) + ')':>10}" for t in args.targets) + "   (seconds incl. pretraining)")
     base = results[0] if results else None
