@@ -150,7 +150,8 @@ def detectron2_weights(spec: WeightsSpec) -> Path:
     if str(spec) != "default":
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise WeightsUnavailable(f"detectron2 weights file not found: {path} (given with --detector-weights)")
+            raise WeightsUnavailable(f"detectron2 weights file not found: {path} "
+                                     "(given with --detector-weights)")
         return path
     from detectron2 import model_zoo
 

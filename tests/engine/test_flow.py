@@ -153,7 +153,8 @@ def test_cache_hit_reads_the_files(tmp_path):
     first = compute_flow(clip, cache_dir=tmp_path / "cache")
     folder = cache_folder(tmp_path / "cache", clip)
     assert [f.name for f in (tmp_path / "cache").iterdir()] == [folder.name]
-    assert sorted(f.name for f in folder.iterdir()) == ["backward.npy", "forward.npy", "meta.json", "ok_1.npy"]
+    assert sorted(f.name for f in folder.iterdir()) == [
+        "backward.npy", "forward.npy", "meta.json", "ok_1.npy"]
     assert isinstance(first.forward, np.memmap) and first.forward.dtype == np.float16
     again = compute_flow(clip, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(again.forward, first.forward)
