@@ -93,9 +93,14 @@ def _frames(text: Optional[str]):
 # ----------------------------------------------------------------- commands
 def cmd_decompose(args) -> int:
     from .pipeline import decompose
+    from .preprocess.cli import flow_options, mask_options
     cfg = _config(args)
+    detect = mask_options(args)
+    if detect is not None and args.masks:
+        raise NeuralAtlasError("give either --masks folders or a --detector, not both")
     out = decompose(args.clip, args.out, cfg, masks=args.masks, frame_range=_frames(args.frames),
-                    progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint(), resume=not args.no_resume)
+                    progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint(), resume=not args.no_resume,
+                    detect=detect, flow_options=flow_options(args))
     rep = json.loads((out / "report.json").read_text())
     print(json.dumps({"out": str(out), "psnr": rep["psnr"], "psnr_no_residual": rep["psnr_no_residual"],
                       "iterations": rep["iterations"], "seconds": rep["seconds"], "device": rep["device"],
@@ -156,7 +161,7 @@ def _add_model_opts(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--iterations", type=int, help="training iterations")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--long-edge", type=int, help="working resolution: long edge in pixels (never upscales)")
-    p.add_argument("--flow", choices=("dis", "raft_small", "raft_large"), help="optical flow method")
+    p.add_argument("--flow", choices=("dis", "raft_small", "raft_large", "auto"), help="optical flow method")
     p.add_argument("--grid-backend", choices=("auto", "torch", "triton", "tcnn"), help="hash-grid implementation")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", metavar="A:B", help="frame range of the source, stop exclusive")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing checkpoint")
     _add_model_opts(p, "seed")
+    from .preprocess.cli import add_flow_arguments, add_mask_arguments
+    add_mask_arguments(p)
+    add_flow_arguments(p)
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("edit", help="apply edited atlases to a decomposed shot")
@@ -206,12 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_opts(p, "seed")
     p.set_defaults(func=cmd_config)
 
-    try:
-        from .service.cli import add_commands
+    from .preprocess.cli import add_commands as add_preprocess_commands
+    add_preprocess_commands(sub)
+    try:  # the service needs pyzmq, which an engine-only install (the GPU machine) may lack
+        from .service.cli import add_commands as add_service_commands
     except ImportError:
-        add_commands = None
-    if add_commands is not None:
-        add_commands(sub)
+        add_service_commands = None
+    if add_service_commands is not None:
+        add_service_commands(sub)
     return ap
 
 

@@ -101,7 +101,7 @@ class TrainConfig:
 class ClipConfig:
     long_edge: int = 768  # working resolution, aspect kept, never upscaled
     max_frames: int = 100  # seed's maximum_number_of_frames
-    flow_method: str = "dis"  # dis | raft_small | raft_large
+    flow_method: str = "dis"  # dis | raft_small | raft_large | auto (RAFT when its weights and a GPU are here)
     flow_consistency_px: float = 1.0
 
 
@@ -173,8 +173,8 @@ class Config:
              "model.encoding_backend must be auto|torch|triton|tcnn"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
             (c.max_frames >= 2, "clip.max_frames must be >= 2"),
-            (c.flow_method in ("dis", "raft_small", "raft_large"),
-             "clip.flow_method must be dis|raft_small|raft_large"),
+            (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
+             "clip.flow_method must be dis|raft_small|raft_large|auto"),
             (self.export.atlas_size >= 16, "export.atlas_size must be >= 16"),
         ]
         for grid in (m.texture_grid, m.xyt_grid):

@@ -46,15 +46,60 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def _detected_masks(clip: Clip, out: Path, detect: dict, progress: ProgressFn) -> list[str]:
+    """Detect and track objects once per output folder and attach them to ``clip``.
+
+    The masks are kept at the working resolution as ``out/masks/<object>/<i>.png`` (i counts
+    frames of the decomposed range), so a resumed or re-rendered run uses the same layers.
+    """
+    from .preprocess.masks import attach_masks, detect_masks, write_masks
+    folder = out / "masks"
+    done = folder / "detected.json"
+    if done.exists():
+        names = json.loads(done.read_text(encoding="utf-8"))["objects"]
+        _attach_mask_folders(clip, [folder / n for n in names])
+    else:
+        progress(Progress("load", message=f"detecting {', '.join(detect.get('classes', []))} "
+                                          f"with {detect.get('detector', 'torchvision')}"))
+        objs = detect_masks(clip, **detect)
+        attach_masks(clip, objs)
+        write_masks(objs, folder, [f"{i:05d}.png" for i in range(clip.n_frames)], overwrite=True)
+        names = list(objs.names)
+        _write_json(done, {"objects": names, "options": {k: str(v) for k, v in detect.items()}})
+    return names
+
+
+def _attach_mask_folders(clip: Clip, folders: list[Path]) -> None:
+    """Attach working-resolution mask folders written by :func:`_detected_masks`."""
+    import cv2
+    import numpy as np
+    if not folders:
+        clip.masks, clip.mask_names = None, []
+        return
+    m = np.zeros((clip.n_frames, clip.height, clip.width, len(folders)), np.float32)
+    for k, d in enumerate(folders):
+        for i in range(clip.n_frames):
+            img = cv2.imread(str(d / f"{i:05d}.png"), cv2.IMREAD_GRAYSCALE)
+            if img is None or img.shape != (clip.height, clip.width):
+                raise CheckpointError(f"detected mask {d / f'{i:05d}.png'} is missing or damaged; "
+                                      f"delete {d.parent} to detect again")
+            m[i, ..., k] = img > 127
+    clip.masks, clip.mask_names = m, [d.name for d in folders]
+
+
 def decompose(source: str | Path, out_dir: str | Path, config: Config,
               masks: Optional[Sequence[str | Path]] = None,
               frame_range: Optional[tuple[int, Optional[int]]] = None,
               progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
-              resume: bool = True, clip: Optional[Clip] = None) -> Path:
+              resume: bool = True, clip: Optional[Clip] = None,
+              detect: Optional[dict] = None, flow_options: Optional[dict] = None) -> Path:
     """Decompose ``source`` into layered atlases in ``out_dir`` (see docs/architecture.md).
 
     With ``resume`` a compatible checkpoint in ``out_dir/checkpoints`` is continued; an
-    incompatible one raises CheckpointError rather than being overwritten.
+    incompatible one raises CheckpointError rather than being overwritten. ``detect`` holds
+    ``backend.preprocess.masks.detect_masks`` options: object masks are then detected and
+    tracked (and written to ``out_dir/masks/<object>/``, reused on resume) instead of read.
+    ``flow_options`` go to ``compute_flow`` (RAFT weights, flow resolution).
     """
     progress = progress or null_progress
     cancel = cancel or CancelToken()
@@ -74,16 +119,18 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
             raise
         for w in caught:
             progress(Progress("load", message=str(w.message)))
+    detected = _detected_masks(clip, out, detect, progress) if detect is not None else None
     cfg.save(out / "config.toml")
     _write_json(out / "clip.json", {
         "source": clip.source or str(Path(source).expanduser().resolve()),
         "masks": None if masks is None else [str(Path(m).expanduser().resolve()) for m in masks],
+        "detected_masks": detected,
         "frame_range": list(clip.frame_range)})
     cancel.raise_if_cancelled()
     progress(Progress("flow", fraction=0.0, message=f"optical flow ({cfg.clip.flow_method})"))
     t_flow = time.perf_counter()
     flow = compute_flow(clip, method=cfg.clip.flow_method, cache_dir=out / "cache",
-                        consistency_px=cfg.clip.flow_consistency_px,
+                        consistency_px=cfg.clip.flow_consistency_px, **(flow_options or {}),
                         progress=lambda d, n: progress(Progress("flow", fraction=0.0,
                                                                 message=f"optical flow {d}/{n}")))
     flow_seconds = time.perf_counter() - t_flow
@@ -101,7 +148,7 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
     export_all(trainer, clip, out, cfg, progress=progress, cancel=cancel,
                extra_report={"flow_seconds": round(flow_seconds, 3),
                              "total_seconds": round(time.perf_counter() - t_start, 3),
-                             "flow_method": cfg.clip.flow_method})
+                             "flow_method": getattr(flow, "method", cfg.clip.flow_method)})
     progress(Progress("done", fraction=1.0, message=f"wrote {out}"))
     return out
 
@@ -122,7 +169,10 @@ def rerender(out_dir: str | Path, progress: Optional[ProgressFn] = None,
     if not info_path.exists():
         raise CheckpointError(f"{out} has no clip.json: cannot tell which clip was decomposed")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    clip = _load(info["source"], cfg, info["masks"], tuple(info["frame_range"]))
+    detected = info.get("detected_masks")
+    clip = _load(info["source"], cfg, [] if detected is not None else info["masks"], tuple(info["frame_range"]))
+    if detected is not None:
+        _attach_mask_folders(clip, [out / "masks" / n for n in detected])
     trainer = Trainer(clip, None, cfg, progress=progress)  # flow is not needed to export
     load_checkpoint(out / "checkpoints", trainer)
     export_all(trainer, clip, out, cfg, progress=progress)

@@ -128,10 +128,7 @@ class Trainer:
         B, N, rez = cfg.train.batch_size, self.n_layers, g.rez
         b = data.sample(B, self.gen)
         x, y, f = b.x.float(), b.y.float(), b.f.float()
-        fw = data.flow_fw[b.f, b.y, b.x]
-        bw = data.flow_bw[b.f, b.y, b.x]
-        ok_fw = data.ok_fw[b.f, b.y, b.x]
-        ok_bw = data.ok_bw[b.f, b.y, b.x]
+        fw, bw, ok_fw, ok_bw = data.flow_at(b)
         d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
         use_global = iteration <= lc.global_rigidity_stop and (lc.global_rigidity_fg > 0 or lc.global_rigidity_bg > 0)
         # query groups: 0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw, 5/6 rigidity, 7/8 global rigidity
@@ -273,7 +270,7 @@ class Trainer:
         for f in range(g.n_frames):
             ev = evaluate_frame(self.model, g, f)
             a = ev["alpha"][..., None]
-            gt = self.data.frames[f]
+            gt = self.data.frame(f)
             rec = (ev["rgb"] * ev["residual"] * a).sum(0)
             nr = (ev["rgb"] * a).sum(0)
             ps.append(-10 * torch.log10(((rec - gt) ** 2).mean().clamp_min(1e-12)))

@@ -125,16 +125,19 @@ def test_input_gradient_matches_autograd_of_reference():
     from backend.encodings.hashgrid import hashgrid_forward_reference
     cfg = GridConfig()
     grid = TorchHashGrid(3, cfg)
+    gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        grid.params.normal_()
-    x = torch.rand(300, 3, requires_grad=True)
-    up = torch.randn(300, 32)
+        grid.params.copy_(torch.randn(grid.params.shape, generator=gen))
+    x = torch.rand(300, 3, generator=gen).requires_grad_(True)
+    up = torch.randn(300, 32, generator=gen)
     (grid(x) * up).sum().backward()
     gx, gt = x.grad.clone(), grid.params.grad.clone()
     x2 = x.detach().clone().requires_grad_(True)
     t2 = grid.params.detach().clone().requires_grad_(True)
     (hashgrid_forward_reference(x2, t2, 3, cfg) * up).sum().backward()
-    torch.testing.assert_close(gx, x2.grad, rtol=1e-4, atol=1e-4)
+    # input gradients sum terms of size ~scale (up to 455): compare relative to the gradient's norm
+    assert ((gx - x2.grad).norm() / x2.grad.norm()).item() < 1e-5
+    assert (gx - x2.grad).abs().max().item() < 1e-3
     torch.testing.assert_close(gt, t2.grad, rtol=1e-5, atol=1e-6)
 
 
