@@ -222,21 +222,23 @@ def preset(name: str) -> Config:
         cfg.losses.alpha_bootstrapping_stop = 2_500
         cfg.losses.global_rigidity_stop = 1_250
     elif name == "demo":
+        # the 2-core CPU demo (docs/deviations.md): a narrower mapping MLP, 8-level grids,
+        # 1k batch, 400 iterations with the schedules scaled to them, 256^2 atlases
         cfg.clip.long_edge = 128
         cfg.model.mapping_width = 64
         cfg.model.texture_grid = GridConfig(n_levels=8, log2_hashmap_size=14, base_resolution=8,
                                             per_level_scale=1.4)
         cfg.model.xyt_grid = GridConfig(n_levels=8, log2_hashmap_size=14, base_resolution=4,
                                         per_level_scale=1.4)
-        cfg.train.iterations = 1500
-        cfg.train.batch_size = 2048
-        cfg.train.pretrain_iterations = 20
+        cfg.train.iterations = 400
+        cfg.train.batch_size = 1024
+        cfg.train.pretrain_iterations = 10
         cfg.train.pretrain_batch_size = 2048
-        cfg.train.checkpoint_every = 500
+        cfg.train.checkpoint_every = 200
         cfg.train.log_every = 100
         cfg.train.mlp_lr = 1e-3
-        cfg.losses.alpha_bootstrapping_stop = 1000
-        cfg.losses.global_rigidity_stop = 500
+        cfg.losses.alpha_bootstrapping_stop = 300
+        cfg.losses.global_rigidity_stop = 150
         cfg.export.atlas_size = 256
     else:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
