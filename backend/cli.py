@@ -148,6 +148,16 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_measure(args) -> int:
+    from .demo import measure
+    rep = measure(args.dir, args.ground_truth, device=args.device)
+    print(json.dumps({"edit_drift_px": {k: rep["edit_drift_px"][k] for k in ("mean", "max")},
+                      "alpha_iou": rep["alpha_iou"],
+                      "per_layer": [{k: m[k] for k in ("layer", "mean_px", "max_px", "frames_measured")}
+                                    for m in rep["edit_drift_px"]["per_layer"]]}))
+    return EXIT_OK
+
+
 def cmd_config(args) -> int:
     from .config import dumps_toml
     print(dumps_toml(_config(args).to_dict()), end="")
@@ -209,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_model_opts(p, "demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("measure", help="edit drift and alpha IoU of a decomposition of a synthetic clip")
+    p.add_argument("dir", type=Path, help="a decomposition folder")
+    p.add_argument("--ground-truth", required=True, type=Path, help="the synthetic clip folder (ground_truth.npz)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("config", help="print a preset (with overrides) as TOML")
     _add_model_opts(p, "seed")

@@ -23,6 +23,7 @@ from .config import Config, preset
 from .edit import EditRenderer, render_edit
 from .pipeline import decompose, prepare_output
 from .progress import CancelToken, ProgressFn
+from .clip import write_png16_rgba
 from .synthetic import alpha_iou, make_synthetic_clip, mark_drift, paint_disc
 
 MARK_COLOURS = [(1.0, 0.1, 0.9), (0.1, 1.0, 0.2), (0.1, 0.4, 1.0)]
@@ -66,6 +67,26 @@ def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_texels
     return d
 
 
+def measure(result_dir: str | Path, clip_dir: str | Path, device: str = "cpu") -> dict:
+    """Edit drift and alpha IoU of a decomposition of a synthetic clip written by the demo."""
+    from .edit import load_bake
+    from .synthetic import load as load_scene
+    scene = load_scene(clip_dir)
+    bake = load_bake(result_dir)
+    if bake.n_layers != scene.n_layers:
+        raise ValueError(f"{result_dir} has {bake.n_layers} layers, the ground truth {scene.n_layers}")
+    S = bake.meta["atlas_size"]
+    t_ref = scene.clip.n_frames // 2
+    radius = max(2.0, S / 64)
+    marks = [measure_layer(Path(result_dir), scene, k, t_ref, radius, MARK_COLOURS[k % len(MARK_COLOURS)], device)
+             for k in range(scene.n_layers)]
+    fg = [np.asarray(bake.alpha(k), np.float32) for k in range(scene.n_objects)]
+    iou = alpha_iou(np.max(fg, axis=0), scene.clip.masks.max(-1)) if fg else None
+    return {"edit_drift_px": {"mean": float(np.mean([m["mean_px"] for m in marks])),
+                              "max": float(np.max([m["max_px"] for m in marks])), "per_layer": marks},
+            "alpha_iou": iou}
+
+
 def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 128, height: int = 72,
              n_frames: int = 24, seed: int = 0, progress: Optional[ProgressFn] = None,
              cancel: Optional[CancelToken] = None, device: str = "auto") -> dict:
@@ -81,31 +102,21 @@ def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 
     from .edit import load_bake
     bake = load_bake(result)
     S = bake.meta["atlas_size"]
-    t_ref = scene.clip.n_frames // 2
     render_device = "cuda" if dec["device"].startswith(("NVIDIA", "cuda")) else "cpu"
-    radius = max(2.0, S / 64)
-    marks = [measure_layer(result, scene, k, t_ref, radius, MARK_COLOURS[k % len(MARK_COLOURS)], render_device)
-             for k in range(scene.n_layers)]
+    measured = measure(result, clip_dir, render_device)
+    marks = measured["edit_drift_px"]["per_layer"]
     # the demo's edited shot: every mark at once, written as PNG frames and mp4
     edits = {}
     for m in marks:
         img = paint_disc(np.zeros((S, S, 4), np.float32), m["atlas_uv"], m["radius_texels"],
                          MARK_COLOURS[m["layer"] % len(MARK_COLOURS)])
-        path = out / "edits" / f"layer_{m['layer']}.png"
-        from .clip import write_png16_rgba
-        write_png16_rgba(path, img)
-        edits[m["layer"]] = path
+        edits[m["layer"]] = write_png16_rgba(out / "edits" / f"layer_{m['layer']}.png", img)
     edited = render_edit(result, edits, out=out / "edited", device=render_device)
-    fg_alpha = np.stack([np.asarray(bake.alpha(k), np.float32) for k in range(scene.n_objects)], -1) \
-        if scene.n_objects else None
-    iou = (alpha_iou(fg_alpha.max(-1), scene.clip.masks.max(-1)) if fg_alpha is not None else None)
     report = {
         "psnr": dec["psnr"],
         "psnr_no_residual": dec["psnr_no_residual"],
-        "edit_drift_px": {"mean": float(np.mean([m["mean_px"] for m in marks])),
-                          "max": float(np.max([m["max_px"] for m in marks])),
-                          "per_layer": marks},
-        "alpha_iou": iou,
+        "edit_drift_px": measured["edit_drift_px"],
+        "alpha_iou": measured["alpha_iou"],
         "iterations": dec["iterations"],
         "train_seconds": dec["seconds"],
         "total_seconds": round(time.perf_counter() - t0, 2),

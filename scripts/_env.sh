@@ -30,3 +30,31 @@ ensure_backend_env() {
   "$VENV/bin/python" -m pip install -q -e "$ROOT[video,test]"
   echo "$want" > "$stamp"
 }
+
+# The Blender side: bpy 5.0.1 (Python 3.11, numpy<2) cannot share the backend's
+# environment. pyzmq and msgpack are deliberately NOT installed here: the add-on imports
+# them from the wheels bundled in the built extension.
+BPY_VENV="${NEURAL_ATLAS_BPY_VENV:-$ROOT/.venv-bpy}"
+BPY_PINS=("bpy==5.0.1" "pytest>=8,<10" "mypy>=1.10" "fake-bpy-module-5-0==20260730")
+
+ensure_bpy_env() {
+  local stamp="$BPY_VENV/.neural-atlas-bpy-stamp" want
+  want=$(printf '%s\n' "${BPY_PINS[@]}" | sha1sum | cut -c1-16)
+  if [ -x "$BPY_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  local py=""
+  for p in python3.11 "$HOME/.pyenv/versions/3.11.7/bin/python3.11"; do
+    if command -v "$p" >/dev/null 2>&1 && \
+       [ "$("$p" -c 'import sys;print("%d.%d"%sys.version_info[:2])')" = "3.11" ]; then py="$p"; break; fi
+  done
+  [ -n "$py" ] || { echo "error: bpy 5.0.1 needs Python 3.11, none found" >&2; exit 1; }
+  echo "[env] preparing $BPY_VENV (bpy 5.0.1 is ~820 MB; first run only)" >&2
+  [ -x "$BPY_VENV/bin/python" ] || "$py" -m venv "$BPY_VENV"
+  "$BPY_VENV/bin/python" -m pip install -q --disable-pip-version-check "${BPY_PINS[@]}"
+  # make sure the bundled-wheel tests are honest
+  "$BPY_VENV/bin/python" -m pip uninstall -q -y pyzmq msgpack >/dev/null 2>&1 || true
+  echo "$want" > "$stamp"
+}
+
+

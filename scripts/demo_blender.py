@@ -159,12 +159,20 @@ def main() -> int:
         blend = os.path.join(out, "demo.blend")
         bpy.ops.wm.save_as_mainfile(filepath=blend)
         frames_dir = bpy.path.abspath(placed.directory)
+        # 7. how well did the decomposition do? (the clip's ground truth, measured by the backend)
+        m = subprocess.run([a.backend_python, "-m", "backend", "measure", job.out_dir, "--ground-truth", clip],
+                           capture_output=True, text=True, cwd=ROOT)
+        measured = json.loads(m.stdout.strip().splitlines()[-1]) if m.returncode == 0 else {"error": m.stderr}
+        if m.returncode == 0:
+            step(f"ground truth: edit drift mean {measured['edit_drift_px']['mean']:.2f} px, "
+                 f"max {measured['edit_drift_px']['max']:.2f} px; alpha IoU {measured['alpha_iou']:.3f}")
         step(f"saved {blend}")
         step(f"edited movie: {movie or '(no mp4 encoder in the backend environment)'}")
         step(f"edited frames: {frames_dir}")
         print(json.dumps({"status": "ok", "blend": blend, "movie": movie, "frames_dir": frames_dir,
                           "edit_image": bpy.path.abspath(edit.filepath), "job_id": job_id,
-                          "render_job_id": render_id, "channel": placed.channel,
+                          "render_job_id": render_id, "channel": placed.channel, "psnr": job.psnr,
+                          "edit_drift_px": measured.get("edit_drift_px"), "alpha_iou": measured.get("alpha_iou"),
                           "seconds": round(time.time() - t0, 1)}), flush=True)
         return 0
     finally:
