@@ -240,6 +240,9 @@ class Trainer:
             g.graph.replay()
             return g.losses
         n = self._eager_in_phase.get(key, 0)
+        quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+        if quiet is not None:  # warm-up runs on a side stream by design (PyTorch's graph recipe)
+            quiet(False)
         if n < 2:
             self._eager_in_phase[key] = n + 1
             side = torch.cuda.Stream(self.device)
