@@ -178,10 +178,24 @@ class EditRenderer:
             uv, a, r = stack[..., :2], stack[..., 2], stack[..., 3:]
         return uv, a, r
 
+    def _fused(self) -> bool:
+        """The one-pass Triton kernel applies to 8-bit sources in delta mode on a GPU."""
+        from .fused import triton
+        return (triton is not None and self.device.type == "cuda" and self.mode == "delta"
+                and self.clip.frame_data.dtype == np.uint8)
+
     def frame(self, f: int, edited: bool = True) -> np.ndarray:
         """Frame ``f`` (H, W, 3) float32 in [0, 1], with the edit when ``edited``."""
         if not edited or (not self.deltas and self.mode == "delta"):
             return self.clip.frames[f]
+        if self._fused():
+            from .fused import composite_delta
+            layers = sorted(self.deltas)
+            maps = [self._maps(i, f) for i in layers]
+            out = composite_delta(torch.from_numpy(np.array(self.clip.frames_uint8(f, f + 1)[0])).to(self.device),
+                                  torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]),
+                                  torch.stack([m[2] for m in maps]), torch.stack([self.deltas[i] for i in layers]))
+            return out.cpu().numpy().astype(np.float32) / 255.0
         frame = torch.from_numpy(self.clip.frames[f]).to(self.device)
         if self.mode == "delta":
             result = frame.clone()
