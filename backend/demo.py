@@ -45,9 +45,19 @@ def reference_point(scene, layer: int, t: int, uv_map: np.ndarray, alpha_map: np
     return int(p[0]), int(p[1])
 
 
-def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_texels: float,
+def texels_per_pixel(uv_map: np.ndarray, x: int, y: int, size: int) -> float:
+    """How many atlas texels one pixel step covers at (x, y): the mapping's local scale."""
+    H, W = uv_map.shape[:2]
+    x1, y1 = min(x + 1, W - 1), min(y + 1, H - 1)
+    steps = [np.linalg.norm(uv_map[y, x1] - uv_map[y, x]) / max(x1 - x, 1),
+             np.linalg.norm(uv_map[y1, x] - uv_map[y, x]) / max(y1 - y, 1)]
+    return float(np.mean(steps)) * size / 2.0
+
+
+def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_px: float,
                   colour, device: str) -> dict:
-    """Paint one mark on ``layer`` at the atlas point seen at a reference pixel, render, measure."""
+    """Paint one mark (about ``radius_px`` pixels on screen) on ``layer`` at the atlas point
+    seen at a reference pixel, render, and measure where it lands in every frame."""
     from .edit import load_bake
     bake = load_bake(result_dir)
     S = bake.meta["atlas_size"]
@@ -56,14 +66,16 @@ def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_texels
     x, y = reference_point(scene, layer, t_ref, uv_map, a_map)
     uv0 = uv_map[y, x].astype(np.float64)
     tex0 = scene.tex_coords_at(layer, t_ref)[y, x]
-    expected, visible = scene.track(layer, tex0, margin=radius_texels)
+    radius_texels = max(1.5, radius_px * texels_per_pixel(uv_map, x, y, S))
+    # frames count where the whole mark is in view, one pixel clear of edges and occluders
+    expected, visible = scene.track(layer, tex0, margin=radius_px + 1.0)
     edit = paint_disc(np.zeros((S, S, 4), np.float32), uv0, radius_texels, colour)
     r = EditRenderer(result_dir, {layer: edit}, device=device)
     original = np.stack([r.frame(f, edited=False) for f in range(r.n_frames)])
     edited = np.stack([r.frame(f) for f in range(r.n_frames)])
     d = mark_drift(original, edited, expected, visible, mark_color=colour)
     d.update({"layer": layer, "reference_frame": t_ref, "reference_pixel": [x, y],
-              "atlas_uv": uv0.tolist(), "radius_texels": radius_texels})
+              "atlas_uv": uv0.tolist(), "radius_texels": radius_texels, "radius_px": radius_px})
     return d
 
 
@@ -75,11 +87,10 @@ def measure(result_dir: str | Path, clip_dir: str | Path, device: str = "cpu") -
     bake = load_bake(result_dir)
     if bake.n_layers != scene.n_layers:
         raise ValueError(f"{result_dir} has {bake.n_layers} layers, the ground truth {scene.n_layers}")
-    S = bake.meta["atlas_size"]
     t_ref = scene.clip.n_frames // 2
-    radius = max(2.0, S / 64)
-    marks = [measure_layer(Path(result_dir), scene, k, t_ref, radius, MARK_COLOURS[k % len(MARK_COLOURS)], device)
-             for k in range(scene.n_layers)]
+    radius_px = max(2.0, 0.03 * max(scene.clip.width, scene.clip.height))  # 3.8 px at 128 px
+    marks = [measure_layer(Path(result_dir), scene, k, t_ref, radius_px, MARK_COLOURS[k % len(MARK_COLOURS)],
+                           device) for k in range(scene.n_layers)]
     fg = [np.asarray(bake.alpha(k), np.float32) for k in range(scene.n_objects)]
     iou = alpha_iou(np.max(fg, axis=0), scene.clip.masks.max(-1)) if fg else None
     return {"edit_drift_px": {"mean": float(np.mean([m["mean_px"] for m in marks])),
