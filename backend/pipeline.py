@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .clip import Clip, load_clip
+from .clip import Clip, load_clip, write_json
 from .config import Config
 from .edit.apply import render_edit
 from .errors import CheckpointError, OutputError
@@ -40,12 +40,6 @@ def _load(source, cfg: Config, masks, frame_range) -> Clip:
                      max_frames=cfg.clip.max_frames)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _detected_masks(clip: Clip, out: Path, detect: dict, progress: ProgressFn) -> list[str]:
     """Detect and track objects once per output folder and attach them to ``clip``.
 
@@ -65,7 +59,7 @@ def _detected_masks(clip: Clip, out: Path, detect: dict, progress: ProgressFn) -
         attach_masks(clip, objs)
         write_masks(objs, folder, [f"{i:05d}.png" for i in range(clip.n_frames)], overwrite=True)
         names = list(objs.names)
-        _write_json(done, {"objects": names, "options": {k: str(v) for k, v in detect.items()}})
+        write_json(done, {"objects": names, "options": {k: str(v) for k, v in detect.items()}})
     return names
 
 
@@ -121,7 +115,7 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
             progress(Progress("load", message=str(w.message)))
     detected = _detected_masks(clip, out, detect, progress) if detect is not None else None
     cfg.save(out / "config.toml")
-    _write_json(out / "clip.json", {
+    write_json(out / "clip.json", {
         "source": clip.source or str(Path(source).expanduser().resolve()),
         "masks": None if masks is None else [str(Path(m).expanduser().resolve()) for m in masks],
         "detected_masks": detected,

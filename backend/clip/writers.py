@@ -13,6 +13,7 @@ the channel swap happens here and nowhere else.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 from collections.abc import Iterable
@@ -105,6 +106,11 @@ def write_png16_rgba(path: PathLike, rgba: np.ndarray) -> Path:
     if rgba.shape[2] == 3:
         rgba = np.concatenate([rgba, np.ones(rgba.shape[:2] + (1,), rgba.dtype)], axis=2)
     return _write_encoded(Path(path), _encode_png(_to_uint(rgba, np.uint16)))
+
+
+def write_json(path: PathLike, data) -> Path:
+    """Write ``data`` as indented JSON, atomically (a crash leaves the old file or the new one)."""
+    return _write_encoded(Path(path), json.dumps(data, indent=1).encode("utf-8"))
 
 
 def write_image_sequence(folder: PathLike, frames: Iterable[np.ndarray],

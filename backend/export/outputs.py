@@ -8,7 +8,6 @@ each atlas and the per-frame PSNR.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..clip import Clip, write_png, write_png16_rgba, write_video
+from ..clip import Clip, write_json, write_png, write_png16_rgba, write_video
 from ..config import Config
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
 from .atlas import render_atlas, splat_max
@@ -143,7 +142,7 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                  "residual": "layer_<i>_residual.npy float16 (F,H,W,3)",
                  "atlas": "atlas_<i>.npy float32 (S,S,3): the texture network at texel centres",
                  "seen": "atlas_<i>_seen.npy float32 (S,S): max alpha mapped to each texel"}
-    (bake_dir / "meta.json").write_text(json.dumps(bake_meta, indent=1), encoding="utf-8")
+    write_json(bake_dir / "meta.json", bake_meta)
     report = {
         "version": __version__,
         "psnr": float(np.mean(per_frame)),
@@ -178,7 +177,4 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
 
 
 def write_report(out_dir: Path, report: dict) -> None:
-    path = Path(out_dir) / "report.json"
-    tmp = path.with_name("report.json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(Path(out_dir) / "report.json", report)

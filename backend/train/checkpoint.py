@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..clip import write_json
 from ..errors import CheckpointError
 
 FORMAT = 1
@@ -27,12 +28,6 @@ FORMAT = 1
 _MATCH = ("model", "losses", "clip")
 _EXECUTION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 _MATCH_TRAIN = ("batch_size", "grid_lr", "mlp_lr", "pretrain_iterations", "pretrain_batch_size", "seed")
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(folder: Path, trainer) -> Path:
@@ -67,7 +62,7 @@ def save_checkpoint(folder: Path, trainer) -> Path:
                          for g in opt["param_groups"]],
         "config": trainer.cfg.to_dict(),
     }
-    _atomic_json(folder / "latest.json", meta)
+    write_json(folder / "latest.json", meta)
     for old in folder.glob("ckpt_*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
