@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field, asdict
 from typing import Any, Callable, Optional
 
 from .errors import Cancelled
 
-# Phases of a decomposition, in order. The service and the add-on show these.
-PHASES = ("load", "flow", "pretrain", "train", "export", "bake", "render", "done")
+# The phases a job goes through are listed once, in neural_atlas.core.protocol.PHASES.
 
 
 @dataclass
@@ -54,11 +52,3 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled(self.reason or "cancelled")
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.t0

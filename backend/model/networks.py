@@ -163,12 +163,3 @@ class LayeredModel(nn.Module):
             (grids if name.endswith("grid.params") else mlps).append(p)
         return [{"params": grids, "lr": grid_lr, "name": "grid"},
                 {"params": mlps, "lr": mlp_lr, "name": "mlp"}]
-
-    def layer_param_groups(self, i: int, grid_lr: float, mlp_lr: float) -> list[dict]:
-        """One layer's mapping, texture and residual (the seed's pretraining optimiser)."""
-        mods = [self.mappings[i], self.textures[i]] + ([self.residuals[i]] if self.residuals is not None else [])
-        grids, mlps = [], []
-        for m in mods:
-            for name, p in m.named_parameters():
-                (grids if name.endswith("grid.params") else mlps).append(p)
-        return [{"params": grids, "lr": grid_lr}, {"params": mlps, "lr": mlp_lr}]
