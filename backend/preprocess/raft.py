@@ -88,8 +88,6 @@ class RaftFlow:
         if variant not in VARIANTS:
             raise ValueError(f"unknown RAFT variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         tv = import_torchvision()
-        import torch
-
         of = tv.models.optical_flow
         enum = of.Raft_Large_Weights if variant == "raft_large" else of.Raft_Small_Weights
         self.weights_path = resolve_weights(weights, enum.DEFAULT.url, f"RAFT ({variant})",
@@ -103,6 +101,12 @@ class RaftFlow:
                 from .vision import WeightsUnavailable
                 raise WeightsUnavailable(f"{self.weights_path} does not hold {variant} weights: "
                                          f"{str(e).splitlines()[0]}") from None
+        self._setup(variant, model, device, iters, batch_size, amp)
+
+    def _setup(self, variant: str, model, device: Optional[str], iters: int,
+               batch_size: Optional[int], amp: bool) -> None:
+        import torch
+
         self.variant = variant
         self.device = pick_device(device)
         self.model = model.eval().to(self.device)
@@ -116,17 +120,9 @@ class RaftFlow:
                    batch_size: Optional[int] = None, amp: bool = False) -> "RaftFlow":
         """Wrap an already built RAFT-like module (``model(img1, img2, num_flow_updates=n)``
         returning a list of ``(B, 2, H, W)`` flows); no torchvision import, no weights lookup."""
-        import torch
-
         self = cls.__new__(cls)
-        self.variant = type(model).__name__
         self.weights_path = None
-        self.device = pick_device(device)
-        self.model = model.eval().to(self.device)
-        self.iters = int(iters)
-        self.batch_size = batch_size
-        self.amp = bool(amp) and self.device.type == "cuda"
-        self._torch = torch
+        self._setup(type(model).__name__, model, device, iters, batch_size, amp)
         return self
 
     @property
