@@ -12,13 +12,14 @@ the channel swap happens here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import cv2
 import numpy as np
@@ -159,16 +160,8 @@ def write_video(path: PathLike, frames: Iterable[np.ndarray], fps: float,
     if first is None:
         raise ValueError(f"write_video got no frames for {path}")
     u8 = (_even(_to_uint(f, np.uint8)) for f in itertools.chain([first], it))
-    tmp = _tmp_path(path)
-    _make_dirs(path.parent)
-    try:
+    with replacing(path, "video") as tmp:
         _video.encode_h264(tmp, u8, float(fps), library)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write video {path}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -218,16 +211,25 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
-def _write_encoded(path: Path, data: bytes) -> Path:
+@contextlib.contextmanager
+def replacing(path: PathLike, what: str = "") -> Iterator[Path]:
+    """Write a file atomically: the body writes the yielded temporary path (same folder, same
+    suffix), which then replaces ``path``; on any error the temporary file is removed and
+    ``path`` keeps its old content. OS errors become :class:`OutputError`."""
+    path = Path(path)
     _make_dirs(path.parent)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {what + ' ' if what else ''}{path}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_encoded(path: Path, data: bytes) -> Path:
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
     return path

@@ -13,14 +13,13 @@ bit-for-bit on the same device and software.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..clip import write_json
+from ..clip.writers import replacing, write_json
 from ..errors import CheckpointError
 
 FORMAT = 1
@@ -44,9 +43,8 @@ def save_checkpoint(folder: Path, trainer) -> Path:
             tensors[f"optim.{pid}.{key}"] = t.detach().contiguous().cpu()
     tensors["rng.sampler"] = trainer.gen.get_state().contiguous().cpu()
     name = f"ckpt_{st.iteration:07d}.safetensors"
-    tmp = folder / (name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / name)
+    with replacing(folder / name, "checkpoint") as tmp:
+        save_file(tensors, str(tmp))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "tensors": name,
