@@ -81,7 +81,14 @@ class TrainConfig:
     iterations: int = 50_000
     batch_size: int = 10_000
     grid_lr: float = 1e-2
-    mlp_lr: float = 1e-4
+    mlp_lr: float = 1e-4  # texture, residual and alpha MLPs
+    mapping_lr: float = 1e-4  # the mapping MLPs (the seed uses mlp_lr for every MLP)
+    # learning-rate schedule over ``iterations``: "constant" (the seed) or "cosine": every
+    # group keeps its rate until lr_decay_start * iterations, then follows a half cosine
+    # down to lr_final_factor times it at the last iteration
+    lr_schedule: str = "constant"
+    lr_decay_start: float = 0.5
+    lr_final_factor: float = 0.1
     # mapping pretraining: pretrain_iterations * n_frames steps per layer
     pretrain_iterations: int = 100
     pretrain_batch_size: int = 10_000
@@ -165,7 +172,10 @@ class Config:
         checks = [
             (t.iterations >= 0, "train.iterations must be >= 0"),
             (t.batch_size >= 16, "train.batch_size must be >= 16"),
-            (t.grid_lr > 0 and t.mlp_lr > 0, "learning rates must be > 0"),
+            (t.grid_lr > 0 and t.mlp_lr > 0 and t.mapping_lr > 0, "learning rates must be > 0"),
+            (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be constant|cosine"),
+            (0.0 <= t.lr_decay_start <= 1.0, "train.lr_decay_start must be in [0, 1]"),
+            (0.0 < t.lr_final_factor <= 1.0, "train.lr_final_factor must be in (0, 1]"),
             (t.pretrain_iterations >= 0, "train.pretrain_iterations must be >= 0"),
             (t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
             (m.mapping_layers >= 2 and m.texture_layers >= 2, "MLPs need >= 2 layers"),
@@ -211,12 +221,20 @@ def preset(name: str) -> Config:
         cfg.train.iterations = 80_000
         cfg.train.batch_size = 20_000
     elif name == "fast":
-        # time to quality on a GPU: 4x the seed's batch, the schedule scaled to the same number
-        # of samples (so 1/4 of the iterations), TF32 matrix products, shorter pretraining
+        # time to quality on a GPU (docs/deviations.md, docs/benchmarks.md): 4x the seed's batch with
+        # the bootstrapping/global-rigidity stops at the same number of samples, 8k iterations with a
+        # cosine decay over the second half, MLP rates 1e-3 (mapping 5e-4), hash tables of 2^19
+        # entries (the texture's finest level at 2006 instead of 455), TF32 matrix products,
+        # shorter mapping pretraining
+        cfg.model.texture_grid = GridConfig(log2_hashmap_size=19, per_level_scale=1.38)
+        cfg.model.xyt_grid = GridConfig(log2_hashmap_size=19)
         cfg.train.batch_size = 40_000
-        cfg.train.iterations = 12_500
+        cfg.train.iterations = 8_000
+        cfg.train.mlp_lr = 1e-3
+        cfg.train.mapping_lr = 5e-4
+        cfg.train.lr_schedule = "cosine"
         cfg.train.pretrain_iterations = 25
-        cfg.train.checkpoint_every = 1_000
+        cfg.train.checkpoint_every = 2_000
         cfg.train.log_every = 250
         cfg.train.tf32 = True
         cfg.losses.alpha_bootstrapping_stop = 2_500
@@ -237,6 +255,7 @@ def preset(name: str) -> Config:
         cfg.train.checkpoint_every = 200
         cfg.train.log_every = 100
         cfg.train.mlp_lr = 1e-3
+        cfg.train.mapping_lr = 1e-3
         cfg.losses.alpha_bootstrapping_stop = 300
         cfg.losses.global_rigidity_stop = 150
         cfg.export.atlas_size = 256

@@ -156,10 +156,17 @@ class LayeredModel(nn.Module):
         return Render(uv, rgb, res, self.alpha(xyt))
 
     # ------------------------------------------------------------ optimiser
-    def param_groups(self, grid_lr: float, mlp_lr: float) -> list[dict]:
-        """Hash tables at ``grid_lr``, every Linear layer at ``mlp_lr`` (seed: 1e-2 / 1e-4)."""
-        grids, mlps = [], []
+    def param_groups(self, grid_lr: float, mlp_lr: float, mapping_lr: float | None = None) -> list[dict]:
+        """Hash tables at ``grid_lr``, the texture/residual/alpha Linear layers at ``mlp_lr`` and the
+        mapping MLPs at ``mapping_lr`` (default ``mlp_lr``; the seed: 1e-2 / 1e-4 / 1e-4)."""
+        grids, mlps, maps = [], [], []
         for name, p in self.named_parameters():
-            (grids if name.endswith("grid.params") else mlps).append(p)
+            if name.endswith("grid.params"):
+                grids.append(p)
+            elif name.startswith("mappings."):
+                maps.append(p)
+            else:
+                mlps.append(p)
         return [{"params": grids, "lr": grid_lr, "name": "grid"},
-                {"params": mlps, "lr": mlp_lr, "name": "mlp"}]
+                {"params": mlps, "lr": mlp_lr, "name": "mlp"},
+                {"params": maps, "lr": mlp_lr if mapping_lr is None else mapping_lr, "name": "mapping"}]

@@ -26,7 +26,8 @@ FORMAT = 1
 # config sections that must match to resume (iterations may be extended)
 _MATCH = ("model", "losses", "clip")
 _EXECUTION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-_MATCH_TRAIN = ("batch_size", "grid_lr", "mlp_lr", "pretrain_iterations", "pretrain_batch_size", "seed")
+_MATCH_TRAIN = ("batch_size", "grid_lr", "mlp_lr", "mapping_lr", "lr_schedule", "lr_decay_start",
+                "lr_final_factor", "pretrain_iterations", "pretrain_batch_size", "seed")
 
 
 def save_checkpoint(folder: Path, trainer) -> Path:
@@ -56,8 +57,8 @@ def save_checkpoint(folder: Path, trainer) -> Path:
         "evals": st.evals,
         "n_layers": trainer.n_layers,
         "geometry": [trainer.geom.width, trainer.geom.height, trainer.geom.n_frames],
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
-                         for g in opt["param_groups"]],
+        "param_groups": [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
+                         | {"params": g["params"]} for g in opt["param_groups"]],
         "config": trainer.cfg.to_dict(),
     }
     write_json(folder / "latest.json", meta)
@@ -124,6 +125,8 @@ def load_checkpoint(folder: Path, trainer) -> int:
                 g[flag] = current[flag]
         groups.append(g)
     trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
+    trainer._lr_factor = trainer.lr_factor(int(meta["iteration"]))  # the saved groups hold that rate
+    trainer.install_lr_tensors()  # saved as floats; a graphed schedule reads device tensors
     trainer.gen.set_state(tensors["rng.sampler"])
     st = trainer.state
     st.iteration = int(meta["iteration"])

@@ -71,8 +71,11 @@ class Trainer:
         self.use_graphs = cuda and t.cuda_graphs and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
         # fused Adam: one kernel for every parameter; capturable: its step count lives on the
         # device so the update can be replayed inside a CUDA graph
-        self.optimizer = torch.optim.Adam(self.model.param_groups(t.grid_lr, t.mlp_lr),
+        self.optimizer = torch.optim.Adam(self.model.param_groups(t.grid_lr, t.mlp_lr, t.mapping_lr),
                                           **({"fused": True, "capturable": True} if cuda else {}))
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self._lr_factor = 1.0
+        self.install_lr_tensors()
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(t.seed)
         self.state = TrainState()
@@ -90,6 +93,37 @@ class Trainer:
     def _randint(self, low: int, high: int, shape: tuple) -> torch.Tensor:
         return torch.randint(low, high, shape, device=self.device, generator=self.gen)
 
+    # ------------------------------------------------------------ schedule
+    def lr_factor(self, iteration: int) -> float:
+        """The schedule's multiplier of every group's learning rate at ``iteration`` (1-based)."""
+        t = self.cfg.train
+        if t.lr_schedule == "constant" or t.iterations <= 0:
+            return 1.0
+        start = t.lr_decay_start * t.iterations
+        if iteration <= start:
+            return 1.0
+        p = min((iteration - start) / max(t.iterations - start, 1.0), 1.0)
+        return t.lr_final_factor + (1.0 - t.lr_final_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def install_lr_tensors(self) -> None:
+        """A scheduled rate must change between CUDA-graph replays: the captured (fused, capturable)
+        Adam then reads it from a device tensor, updated in place. The constant schedule keeps the
+        seed's plain floats."""
+        if self.use_graphs and self.cfg.train.lr_schedule != "constant":
+            for g, base in zip(self.optimizer.param_groups, self._base_lrs):
+                g["lr"] = torch.tensor(base * self._lr_factor, dtype=torch.float32, device=self.device)
+
+    def _apply_lr(self, iteration: int) -> None:
+        k = self.lr_factor(iteration)
+        if k == self._lr_factor:
+            return
+        self._lr_factor = k
+        for g, base in zip(self.optimizer.param_groups, self._base_lrs):
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(base * k)
+            else:
+                g["lr"] = base * k
+
     def global_rigidity_weight(self, layer: int) -> float:
         lc = self.cfg.losses
         return lc.global_rigidity_bg if layer == self.n_layers - 1 else lc.global_rigidity_fg
@@ -102,7 +136,7 @@ class Trainer:
         done, t0 = 0, time.perf_counter()
         for i in range(self.n_layers):
             params = list(self.model.mappings[i].parameters())
-            opt = torch.optim.Adam([{"params": params, "lr": t.mlp_lr}])
+            opt = torch.optim.Adam([{"params": params, "lr": t.mapping_lr}])
             s = self.model.uv_scales[i]
             for _ in range(t.pretrain_iterations):
                 for f in range(g.n_frames):
@@ -232,6 +266,7 @@ class Trainer:
     def step(self, iteration: int) -> dict[str, torch.Tensor]:
         """One optimisation step. On CUDA each schedule phase is captured once as a CUDA graph
         after two eager warm-up steps, then replayed: the same kernels without launch overhead."""
+        self._apply_lr(iteration)
         if not self.use_graphs:
             return self._eager_step(iteration)
         key = self.phase(iteration)

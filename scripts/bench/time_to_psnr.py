@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Time-to-PSNR of training variants on one clip, measured in one run on one device.
 
-    python scripts/bench/time_to_psnr.py --clip tennis --variants seed-eager:60 seed:240 gpu:240
-    python scripts/bench/time_to_psnr.py --clip synthetic --size 1920x1080 --frames 100 --variants gpu:240
+    python scripts/bench/time_to_psnr.py --clip tennis --variants seed-eager:60 seed:240 fast:240
+    python scripts/bench/time_to_psnr.py --clip synthetic --size 1920x1080 --frames 100 --variants fast:240
 
-Each variant is ``NAME[:SECONDS]`` (training-time budget, pretraining included). Names:
+Each variant is ``NAME[+section.field=value...][:SECONDS]`` (training-time budget, pretraining
+included). Names:
 
 * ``seed-eager``: the seed's configuration, PyTorch hash grids, no CUDA graphs: a faithful
   re-implementation without GPU engineering (the baseline).
 * ``seed``: the same model, losses, batch and learning rates, with the Triton grids and the
   CUDA-graph step (identical per-iteration behaviour, faster).
-* ``gpu``: the preset tuned for time to quality (larger batch, TF32, shorter pretraining).
+* any preset name (``fast``, ``quality``, ...): that preset.
 
 Full-frame reconstruction PSNR (with and without the residual) is evaluated every
 ``--eval-every`` iterations (not counted as training time). Prints a table with iterations
@@ -40,14 +41,19 @@ from backend.train import Trainer  # noqa: E402
 
 
 def variant_config(spec: str, eval_every: int):
-    """``NAME[+section.field=value...]``: a variant with overrides, e.g. ``fast+train.mlp_lr=3e-4``."""
+    """``NAME[+section.field=value...]``: a variant with overrides, e.g. ``fast+train.mlp_lr=3e-4``
+    or ``fast+model.texture_grid={"log2_hashmap_size":19}``. A constant-rate variant runs until its
+    time budget; a scheduled one (``train.lr_schedule``) keeps its iteration count, the horizon of
+    its schedule (or has it fitted to the budget with ``--fit-iterations``)."""
     name, *overrides = spec.split("+")
-    cfg = _base_config(name)
+    cfg = _base_config(name).replace(train={"eval_every": eval_every, "device": "cuda"})
     for ov in overrides:
         key, _, value = ov.partition("=")
         section, field = key.split(".")
         cfg = cfg.replace(**{section: {field: json.loads(value)}})
-    return cfg.replace(train={"eval_every": eval_every, "iterations": 10 ** 7, "device": "cuda"})
+    if cfg.train.lr_schedule == "constant":
+        cfg = cfg.replace(train={"iterations": 10 ** 7})
+    return cfg
 
 
 def _base_config(name: str):
@@ -86,6 +92,27 @@ def flow_for(clip: Clip, max_edge: int) -> tuple[FlowSet, float]:
     return flow, time.perf_counter() - t0
 
 
+def split_budget(spec: str) -> tuple[str, float]:
+    """``VARIANT[:SECONDS]`` -> (variant, seconds); a JSON override may hold colons too."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.replace(".", "", 1).isdigit():
+        return head, float(tail)
+    return spec, 120.0
+
+
+def fit_schedule(tr: Trainer, budget_s: float) -> None:
+    """Set a scheduled variant's iteration count so that its schedule ends with its time budget:
+    the rate is measured over iterations 100-400 (after the CUDA graph is captured)."""
+    tr.train(iterations=100, stop_after_s=budget_s)
+    it1, s1 = tr.state.iteration, tr.state.seconds
+    tr.train(iterations=400, stop_after_s=budget_s)
+    rate = (tr.state.iteration - it1) / max(tr.state.seconds - s1, 1e-6)
+    left = max(budget_s - tr.state.seconds, 0.0)
+    tr.cfg.train.iterations = int(tr.state.iteration + rate * left * 0.98)
+    print(f"  schedule fitted to the budget: {rate:.1f} it/s -> {tr.cfg.train.iterations} iterations",
+          flush=True)
+
+
 def time_to(evals, target):
     for it, sec, p, _ in evals:
         if p >= target:
@@ -99,10 +126,12 @@ def main() -> int:
     ap.add_argument("--tennis", type=Path, default=ROOT.parent / "shared" / "data" / "tennis")
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--variants", nargs="+", default=["seed-eager:60", "seed:180", "gpu:180"])
+    ap.add_argument("--variants", nargs="+", default=["seed-eager:60", "seed:180", "fast:180"])
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--targets", type=float, nargs="+", default=[24.3, 26.2, 28.0, 30.0])
     ap.add_argument("--flow-max-edge", type=int, default=960)
+    ap.add_argument("--fit-iterations", action="store_true",
+                    help="scheduled variants: fit the iteration count (and so the decay) to the budget")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cuda (benchmarks) or cpu (a smoke test)")
     args = ap.parse_args()
@@ -117,8 +146,7 @@ def main() -> int:
           f"{clip.n_objects} object(s); flow {flow.method} {flow_s:.1f} s", flush=True)
     results = []
     for spec in args.variants:
-        name, _, budget = spec.partition(":")
-        budget_s = float(budget or 120)
+        name, budget_s = split_budget(spec)
         cfg = variant_config(name, args.eval_every).replace(train={"device": str(dev)})
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
@@ -130,6 +158,8 @@ def main() -> int:
             torch.cuda.synchronize()
         pre = tr.state.pretrain_seconds
         try:
+            if args.fit_iterations and cfg.train.lr_schedule != "constant":
+                fit_schedule(tr, budget_s - pre)
             tr.train(stop_after_s=max(budget_s - pre, 1.0))
         except torch.cuda.OutOfMemoryError as e:  # report and go on with the next variant
             print(f"{name}: out of memory: {e}", flush=True)
@@ -144,7 +174,8 @@ def main() -> int:
                "it_per_s": round(st.iteration / max(st.seconds, 1e-9), 2),
                "final_psnr": evals[-1][2], "final_psnr_no_residual": evals[-1][3],
                "peak_gpu_gb": round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2) if cuda else None,
-               "batch": cfg.train.batch_size, "grid_backend": tr.model.grid_backend,
+               "batch": cfg.train.batch_size, "schedule_iterations": tr.cfg.train.iterations,
+               "grid_backend": tr.model.grid_backend,
                "cuda_graphs": tr.use_graphs, "evals": evals,
                "time_to": {str(t): time_to(evals, t) for t in args.targets}}
         results.append(rec)

@@ -30,3 +30,28 @@ def test_graph_step_trains_like_eager(backend):
     eager, graphed = sum(curves[False][-10:]) / 10, sum(curves[True][-10:]) / 10
     assert graphed == pytest.approx(eager, rel=0.3)
     assert graphed < sum(curves[True][:5]) / 5
+
+
+def test_graph_replay_follows_the_lr_schedule():
+    """The captured Adam reads the scheduled rate from a device tensor: replays late in a cosine
+    schedule move the parameters by about lr_final_factor of what the early replays did."""
+    clip = tiny_clip(n_frames=6, h=24, w=32)
+    cfg = tiny_config(iterations=40, lr_schedule="cosine", lr_decay_start=0.5, lr_final_factor=0.01)
+    tr = Trainer(clip, None, cfg.replace(train={"device": "cuda"}))
+    assert tr.use_graphs and torch.is_tensor(tr.optimizer.param_groups[0]["lr"])
+    tr.pretrain()
+    table = tr.model.textures[0].grid.params
+
+    def moved(it):
+        before = table.detach().clone()
+        tr.step(it)
+        return float((table.detach() - before).abs().mean())
+
+    for it in range(1, 10):
+        tr.step(it)
+    early = sum(moved(it) for it in range(10, 14)) / 4  # factor 1, graph replays
+    for it in range(14, 40):
+        tr.step(it)
+    late = moved(40)  # factor 0.01
+    assert float(tr.optimizer.param_groups[0]["lr"]) == pytest.approx(cfg.train.grid_lr * 0.01, rel=1e-5)
+    assert late < 0.05 * early

@@ -54,9 +54,13 @@ def test_model_layout_and_param_groups():
     assert n(m.textures[0]) == 452_128 + 10_627
     assert n(m.residuals[0]) == 907_424 + 10_627
     assert n(m.alpha_net) == 907_424 + 10_497
-    groups = m.param_groups(1e-2, 1e-4)
-    assert [g["lr"] for g in groups] == [1e-2, 1e-4]
+    groups = m.param_groups(1e-2, 1e-4, 3e-4)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-4, 3e-4]
+    assert [g["name"] for g in groups] == ["grid", "mlp", "mapping"]
     assert sum(p.numel() for p in groups[0]["params"]) == 2 * (452_128 + 907_424) + 907_424
+    assert sum(p.numel() for p in groups[2]["params"]) == 2 * 133_122
+    assert sum(p.numel() for g in groups for p in g["params"]) == n(m)
+    assert [g["lr"] for g in m.param_groups(1e-2, 1e-4)] == [1e-2, 1e-4, 1e-4]  # the seed: one MLP rate
     assert m.uv_scales == [0.9, 0.6]
 
 
@@ -98,11 +102,28 @@ def _params(tr):
     return {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
+def test_cosine_schedule_shape_and_applied_rates():
+    cfg = tiny_config(iterations=100, lr_schedule="cosine", lr_decay_start=0.5, lr_final_factor=0.1,
+                      grid_lr=1e-2, mlp_lr=1e-3, mapping_lr=2e-4)
+    tr = Trainer(tiny_clip(), None, cfg, torch.device("cpu"))
+    k = [tr.lr_factor(i) for i in range(1, 101)]
+    assert k[:50] == [1.0] * 50  # constant up to lr_decay_start * iterations
+    assert all(a > b for a, b in zip(k[50:], k[51:]))  # then strictly decreasing
+    assert abs(k[74] - 0.55) < 1e-12 and abs(k[99] - 0.1) < 1e-12  # half-way: the mean; the end: final
+    assert tr.lr_factor(10_000) == pytest.approx(0.1)  # past the horizon it stays at the final rate
+    tr.step(75)
+    assert [g["lr"] for g in tr.optimizer.param_groups] == pytest.approx([1e-2 * 0.55, 1e-3 * 0.55, 2e-4 * 0.55])
+    assert [g["name"] for g in tr.optimizer.param_groups] == ["grid", "mlp", "mapping"]
+    seed = Trainer(tiny_clip(), None, tiny_config(iterations=100), torch.device("cpu"))
+    assert {seed.lr_factor(i) for i in (1, 60, 100)} == {1.0}  # the seed's schedule is constant
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_bit_for_bit(tmp_path, schedule):
     torch.set_num_threads(1)
     clip = tiny_clip()
     flow = compute_flow(clip)
-    cfg = tiny_config(iterations=6, checkpoint_every=3)
+    cfg = tiny_config(iterations=6, checkpoint_every=3, lr_schedule=schedule, lr_decay_start=0.3)
     straight = Trainer(clip, flow, cfg, torch.device("cpu"))
     straight.train()
     a = _params(straight)
