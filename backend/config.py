@@ -118,6 +118,7 @@ class ExportConfig:
     video_fps: float = 10.0  # seed writes fps=10; a clip's own fps wins when known
     write_videos: bool = True
     bake: bool = True  # per-frame uv/alpha/residual maps for fast edit re-render
+    workers: int = 0  # threads encoding and writing the exported frames (0: the cores, at most 8)
 
 
 @dataclass
@@ -186,6 +187,7 @@ class Config:
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
              "clip.flow_method must be dis|raft_small|raft_large|auto"),
             (self.export.atlas_size >= 16, "export.atlas_size must be >= 16"),
+            (0 <= self.export.workers <= 256, "export.workers must be in 0..256"),
         ]
         for grid in (m.texture_grid, m.xyt_grid):
             checks += [

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..clip import Clip, write_json, write_png, write_png16_rgba, write_video
+from ..clip import Clip, write_json, write_png, write_png16_rgba
 from ..config import Config
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
+from ..clip.video import writer_library
 from .atlas import render_atlas, splat_max
+from .sinks import FrameWriters, VideoSink
 
 ATLAS_CONVENTION = ("atlas image S x S covers u,v in [-1,1]; texel (row r, col c) centre at "
                     "u = -1 + (2c+1)/S, v = -1 + (2r+1)/S; u along columns (x), v along rows (y), "
@@ -55,9 +57,29 @@ def evaluate_frame(model, geom, f: int, chunk: int = 1 << 17) -> dict[str, torch
     return {"uv": uv, "rgb": rgb, "residual": res, "alpha": alpha}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Float [0, 1] -> uint8 on the tensor's device, exactly as the PNG writers round
+    (NaN -> 0, clipped, ``x * 255 + 0.5`` truncated)."""
+    x = torch.nan_to_num(img.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    return x.mul(255.0).add(0.5).to(torch.uint8)
+
+
+def _mse64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).pow(2).mean()
+
+
+def _psnr_of(mse: float) -> float:
+    return float("inf") if mse == 0 else -10.0 * math.log10(float(mse))
+
+
+def _store(dst: np.ndarray, src: np.ndarray):
+    def job() -> None:
+        dst[...] = src
+    return job
+
+
+def _png(path: Path, u8: np.ndarray):
+    return lambda: write_png(path, u8)
 
 
 def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Optional[ProgressFn] = None,
@@ -85,36 +107,62 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     alpha_maps = [mm(bake_dir / f"layer_{i}_alpha.npy", "w+", np.float16, (F_, H, W)) for i in range(N)]
     res_maps = [mm(bake_dir / f"layer_{i}_residual.npy", "w+", np.float16, (F_, H, W, 3)) for i in range(N)]
 
-    per_frame, per_frame_nores = [], []
     streams = ["reconstruction", "reconstruction_no_residual"] + [f"alpha_{i}" for i in range(N)] + \
               ([f"residual_{i}" for i in range(N)] if model.residuals is not None else [])
-    for f in range(F_):
-        cancel.raise_if_cancelled()
-        ev = evaluate_frame(model, geom, f)
-        a = ev["alpha"]  # (N, H, W)
-        recon = (ev["rgb"] * ev["residual"] * a[..., None]).sum(0)
-        recon_nores = (ev["rgb"] * a[..., None]).sum(0)
-        gt = clip.frames[f]
-        rec_np, nores_np = recon.cpu().numpy(), recon_nores.cpu().numpy()
-        per_frame.append(psnr(rec_np, gt))
-        per_frame_nores.append(psnr(nores_np, gt))
-        for i in range(N):
-            splat_max(seen[i], ev["uv"][i].reshape(-1, 2), a[i].reshape(-1))
-            uv_maps[i][f] = ev["uv"][i].cpu().numpy()
-            alpha_maps[i][f] = a[i].cpu().numpy().astype(np.float16)
-            res_maps[i][f] = ev["residual"][i].cpu().numpy().astype(np.float16)
-        if cfg.export.write_videos:
-            write_png(frames_dir / "reconstruction" / f"{f:05d}.png", rec_np)
-            write_png(frames_dir / "reconstruction_no_residual" / f"{f:05d}.png", nores_np)
+    fps = float(clip.fps or cfg.export.video_fps)
+    videos: dict[str, str] = {}
+    sinks: dict[str, VideoSink] = {}
+    if cfg.export.write_videos:
+        if writer_library() is not None:  # encode each stream as its frames come
+            sinks = {name: VideoSink(out / "video" / f"{name}.mp4", fps) for name in streams}
+        else:  # no H.264 encoder here: the PNG frames are the stream (write_video would copy them)
+            videos = {name: f"frames/{name}" for name in streams}
+    writers = FrameWriters(cfg.export.workers or None)
+    psnrs = []
+    try:
+        for f in range(F_):
+            cancel.raise_if_cancelled()
+            ev = evaluate_frame(model, geom, f)
+            a = ev["alpha"]  # (N, H, W)
+            recon = (ev["rgb"] * ev["residual"] * a[..., None]).sum(0)
+            recon_nores = (ev["rgb"] * a[..., None]).sum(0)
+            gt = trainer.data.frame(f)
+            psnrs.append(torch.stack([_mse64(recon, gt), _mse64(recon_nores, gt)]))
             for i in range(N):
-                write_png(frames_dir / f"alpha_{i}" / f"{f:05d}.png", a[i].cpu().numpy())
-                if model.residuals is not None:  # R = 1 is mid grey, as in the seed
-                    write_png(frames_dir / f"residual_{i}" / f"{f:05d}.png",
-                              (ev["residual"][i] * 0.5).clamp(0, 1).cpu().numpy())
-        progress(Progress("export", fraction=0.9 + 0.08 * (f + 1) / F_, message=f"frame {f + 1}/{F_}"))
+                splat_max(seen[i], ev["uv"][i].reshape(-1, 2), a[i].reshape(-1))
+            # one device-to-host copy per array, 8-bit images converted on the device
+            uv = ev["uv"].cpu().numpy()
+            alpha16 = a.half().cpu().numpy()
+            res16 = ev["residual"].half().cpu().numpy()
+            jobs = [_store(m[f], v) for maps, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
+                    for m, v in zip(maps, arr)]
+            if cfg.export.write_videos:
+                images = {"reconstruction": recon, "reconstruction_no_residual": recon_nores}
+                for i in range(N):
+                    images[f"alpha_{i}"] = a[i]
+                    if model.residuals is not None:  # R = 1 is mid grey, as in the seed
+                        images[f"residual_{i}"] = ev["residual"][i] * 0.5
+                for name, img in images.items():
+                    u8 = to_uint8(img).cpu().numpy()
+                    jobs.append(_png(frames_dir / name / f"{f:05d}.png", u8))
+                    if name in sinks:
+                        sinks[name].put(u8)
+            writers.submit(jobs)
+            progress(Progress("export", fraction=0.9 + 0.08 * (f + 1) / F_, message=f"frame {f + 1}/{F_}"))
+        writers.close()
+        for name, sink in sinks.items():
+            videos[name] = str(Path(sink.close()).relative_to(out))
+    except BaseException:
+        writers.abort()
+        for sink in sinks.values():
+            sink.abort()
+        raise
     for arr in uv_maps + alpha_maps + res_maps:
         arr.flush()
     del uv_maps, alpha_maps, res_maps
+    mse = torch.stack(psnrs).cpu().numpy() if psnrs else np.zeros((0, 2))
+    per_frame = [_psnr_of(m) for m in mse[:, 0]]
+    per_frame_nores = [_psnr_of(m) for m in mse[:, 1]]
 
     atlas_files = []
     for i in range(N):
@@ -123,15 +171,6 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
         np.save(bake_dir / f"atlas_{i}.npy", atlases[i].cpu().numpy().astype(np.float32))
         np.save(bake_dir / f"atlas_{i}_seen.npy", seen[i].cpu().numpy().astype(np.float32))
         atlas_files.append(str(path.relative_to(out)))
-
-    fps = float(clip.fps or cfg.export.video_fps)
-    videos = {}
-    if cfg.export.write_videos:
-        for name in streams:
-            files = sorted((frames_dir / name).glob("*.png"))
-            from ..clip import read_image
-            written = write_video(out / "video" / f"{name}.mp4", (read_image(p)[..., :3] for p in files), fps)
-            videos[name] = str(Path(written).relative_to(out))
 
     st = trainer.state
     layers = [{"index": i, "name": names[i], "kind": "background" if i == N - 1 else "object",
