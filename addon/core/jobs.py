@@ -116,7 +116,7 @@ def explain(code: str, message: str = "", detail: str = "", *, endpoint: str = "
         return (message or "Invalid settings", "Pick another preset or fix the overridden values.")
     if code == "worker_crashed":
         return (message or "The backend's worker process died",
-                "Out of GPU or system memory? Try the 'demo' or 'fast' preset, fewer frames or a "
+                "Out of GPU or system memory? Try the 'demo' preset, fewer frames or a "
                 "smaller clip; the job's worker.log in the backend workspace says more." + log)
     if code == "unsupported_version":
         return (message or "The add-on and the backend speak different protocol versions",
