@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..clip import Clip, write_json, write_png, write_png16_rgba
+from ..clip import Clip, write_json, write_png16_rgba
+from ..clip.video import writer_library
 from ..config import Config
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
-from ..clip.video import writer_library
 from .atlas import render_atlas, splat_max
-from .sinks import FrameWriters, VideoSink
+from .sinks import FrameWriters, VideoSink, png_job, store_job
 
 ATLAS_CONVENTION = ("atlas image S x S covers u,v in [-1,1]; texel (row r, col c) centre at "
                     "u = -1 + (2c+1)/S, v = -1 + (2r+1)/S; u along columns (x), v along rows (y), "
@@ -70,16 +70,6 @@ def _mse64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _psnr_of(mse: float) -> float:
     return float("inf") if mse == 0 else -10.0 * math.log10(float(mse))
-
-
-def _store(dst: np.ndarray, src: np.ndarray):
-    def job() -> None:
-        dst[...] = src
-    return job
-
-
-def _png(path: Path, u8: np.ndarray):
-    return lambda: write_png(path, u8)
 
 
 def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Optional[ProgressFn] = None,
@@ -134,7 +124,7 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
             uv = ev["uv"].cpu().numpy()
             alpha16 = a.half().cpu().numpy()
             res16 = ev["residual"].half().cpu().numpy()
-            jobs = [_store(m[f], v) for maps, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
+            jobs = [store_job(m[f], v) for maps, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
                     for m, v in zip(maps, arr)]
             if cfg.export.write_videos:
                 images = {"reconstruction": recon, "reconstruction_no_residual": recon_nores}
@@ -144,7 +134,7 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                         images[f"residual_{i}"] = ev["residual"][i] * 0.5
                 for name, img in images.items():
                     u8 = to_uint8(img).cpu().numpy()
-                    jobs.append(_png(frames_dir / name / f"{f:05d}.png", u8))
+                    jobs.append(png_job(frames_dir / name / f"{f:05d}.png", u8))
                     if name in sinks:
                         sinks[name].put(u8)
             writers.submit(jobs)

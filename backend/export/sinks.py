@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..clip import write_video
+from ..clip import write_png, write_video
 
 _END = object()
 _ABORT = object()
@@ -32,6 +32,18 @@ _ABORT = object()
 def default_workers() -> int:
     """Worker threads for the export: the machine's cores, at most 8, at least 2."""
     return max(2, min(8, os.cpu_count() or 2))
+
+
+def store_job(dst: np.ndarray, src: np.ndarray) -> Callable[[], None]:
+    """A job copying ``src`` into ``dst`` (a slice of a memory-mapped baked map)."""
+    def job() -> None:
+        dst[...] = src
+    return job
+
+
+def png_job(path: Path, image: np.ndarray) -> Callable[[], object]:
+    """A job writing ``image`` (uint8 is written as is) as a PNG at ``path``."""
+    return lambda: write_png(path, image)
 
 
 class FrameWriters:

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from backend.clip import read_image, write_png, write_video  # noqa: E402
 from backend.clip.video import writer_library  # noqa: E402
 from backend.export.outputs import device_name  # noqa: E402
-from backend.export.sinks import FrameWriters, VideoSink, default_workers  # noqa: E402
+from backend.export.sinks import FrameWriters, VideoSink, default_workers, png_job, store_job  # noqa: E402
 
 ENCODE = writer_library() is not None  # --no-encoder: as on a machine without PyAV or imageio-ffmpeg
 STREAMS = ("reconstruction", "reconstruction_no_residual", "alpha_0", "alpha_1", "residual_0", "residual_1")
@@ -81,18 +81,12 @@ def pooled(out: Path, data: list[dict], w: int, h: int, fps: float) -> None:
     uvm, am, rm = maps(out, len(data), w, h)
     sinks = {n: VideoSink(out / "video" / f"{n}.mp4", fps) for n in STREAMS} if ENCODE else {}
     writers = FrameWriters()
-
-    def store(dst, src):
-        def job():
-            dst[...] = src
-        return job
-
     for f, d in enumerate(data):
-        jobs = [store(m[f], v) for ms, arr in ((uvm, d["uv"]), (am, d["alpha"]), (rm, d["res"]))
+        jobs = [store_job(m[f], v) for ms, arr in ((uvm, d["uv"]), (am, d["alpha"]), (rm, d["res"]))
                 for m, v in zip(ms, arr)]
         for name in STREAMS:
             img = d["png"][name]
-            jobs.append(lambda p=out / "frames" / name / f"{f:05d}.png", img=img: write_png(p, img))
+            jobs.append(png_job(out / "frames" / name / f"{f:05d}.png", img))
             if name in sinks:
                 sinks[name].put(img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2))
         writers.submit(jobs)
