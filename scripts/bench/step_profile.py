@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from backend.export.outputs import device_name  # noqa: E402
 from backend.train import Trainer  # noqa: E402
-from time_to_psnr import flow_for, load, variant_config  # noqa: E402
+from time_to_psnr import add_clip_arguments, flow_for, load, variant_config  # noqa: E402
 
 FAMILIES = (("gemm", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "sgemm", "xmma")),
             ("hashgrid", ("_hash", "_fwd", "_bwd", "grid")),
@@ -81,11 +81,7 @@ def profile_eager(tr: Trainer, first_it: int, steps: int = 4) -> tuple[dict, lis
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--clip", choices=("tennis", "synthetic"), default="tennis")
-    ap.add_argument("--tennis", type=Path, default=ROOT.parent / "shared" / "data" / "tennis")
-    ap.add_argument("--size", default="1920x1080")
-    ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--flow-max-edge", type=int, default=960)
+    add_clip_arguments(ap)
     ap.add_argument("--variants", nargs="+", default=["seed", "fast"])
     ap.add_argument("--at-iteration", type=int, default=20_000,
                     help="profile the step of this phase (past the bootstrapping/global-rigidity stops)")

@@ -120,16 +120,21 @@ def time_to(evals, target):
     return None, None
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_clip_arguments(ap: argparse.ArgumentParser) -> None:
+    """The clip options that ``load`` and ``flow_for`` read (shared with step_profile.py)."""
     ap.add_argument("--clip", choices=("tennis", "synthetic"), default="tennis")
     ap.add_argument("--tennis", type=Path, default=ROOT.parent / "shared" / "data" / "tennis")
-    ap.add_argument("--size", default="1920x1080")
-    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--size", default="1920x1080", help="synthetic clip size")
+    ap.add_argument("--frames", type=int, default=100, help="synthetic clip frames")
+    ap.add_argument("--flow-max-edge", type=int, default=960, help="DIS flow at most at this long edge")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_clip_arguments(ap)
     ap.add_argument("--variants", nargs="+", default=["seed-eager:60", "seed:180", "fast:180"])
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--targets", type=float, nargs="+", default=[24.3, 26.2, 28.0, 30.0])
-    ap.add_argument("--flow-max-edge", type=int, default=960)
     ap.add_argument("--fit-iterations", action="store_true",
                     help="scheduled variants: fit the iteration count (and so the decay) to the budget")
     ap.add_argument("--json", type=Path)
