@@ -125,8 +125,7 @@ def load_checkpoint(folder: Path, trainer) -> int:
                 g[flag] = current[flag]
         groups.append(g)
     trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
-    trainer._lr_factor = trainer.lr_factor(int(meta["iteration"]))  # the saved groups hold that rate
-    trainer.install_lr_tensors()  # saved as floats; a graphed schedule reads device tensors
+    trainer.restore_lr(int(meta["iteration"]))  # saved as floats; a graphed schedule reads tensors
     trainer.gen.set_state(tensors["rng.sampler"])
     st = trainer.state
     st.iteration = int(meta["iteration"])

@@ -113,6 +113,13 @@ class Trainer:
             for g, base in zip(self.optimizer.param_groups, self._base_lrs):
                 g["lr"] = torch.tensor(base * self._lr_factor, dtype=torch.float32, device=self.device)
 
+    def restore_lr(self, iteration: int) -> None:
+        """After loading optimizer state saved at ``iteration`` (whose groups hold float rates)."""
+        self._lr_factor = self.lr_factor(iteration)
+        for g, base in zip(self.optimizer.param_groups, self._base_lrs):
+            g["lr"] = base * self._lr_factor
+        self.install_lr_tensors()
+
     def _apply_lr(self, iteration: int) -> None:
         k = self.lr_factor(iteration)
         if k == self._lr_factor:
