@@ -47,7 +47,8 @@ class ConsoleProgress:
             print(json.dumps({"progress": p.to_dict()}), flush=True)
             return
         if p.phase == "train":
-            msg = (f"[train] it {p.iteration}/{p.iterations}  psnr {p.psnr:.2f} dB  {p.message}  "
+            psnr = "  -  " if p.psnr is None else f"{p.psnr:.2f}"  # None right after a resume
+            msg = (f"[train] it {p.iteration}/{p.iterations}  psnr {psnr} dB  {p.message}  "
                    f"eta {_fmt_eta(p.eta_s)}")
         else:
             msg = f"[{p.phase}] {p.message}"

@@ -1,6 +1,7 @@
 """decompose -> outputs -> edits, on a tiny synthetic shot; CLI errors on bad input."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def test_outputs_and_report(decomposition):
     assert rep["iterations"] == 40 and len(rep["per_frame_psnr"]) == 6
     assert [l["name"] for l in rep["layers"]] == ["object0", "background"]
     assert rep["psnr"] > 10
+    # the wall time covers the whole call, export included
+    assert rep["total_seconds"] >= rep["seconds"] + rep["export_seconds"] + rep["flow_seconds"] > 0
     for i in range(2):
         atlas = cv2.imread(str(out / "atlas" / f"layer_{i}.png"), cv2.IMREAD_UNCHANGED)
         assert atlas.dtype == np.uint16 and atlas.shape == (64, 64, 4)
@@ -182,3 +185,30 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, case):
     assert res.returncode == 2, res.stderr
     assert "error: " in res.stderr and "Traceback" not in res.stderr
     assert not out.exists() or not any(p.name not in (".write-test",) for p in out.rglob("*") if p.is_file())
+
+
+def test_cli_sigint_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C mid-training: exit 130 with a checkpoint; running again resumes and exports."""
+    src = make_synthetic_clip(width=48, height=32, n_frames=6, seed=5).write(tmp_path / "clip")
+    out = tmp_path / "dec"
+    cmd = [sys.executable, "-m", "backend", "decompose", str(src), "--out", str(out), "--preset", "demo",
+           "--device", "cpu", "--iterations", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until training runs
+            if line.startswith("[train] it"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "saving a checkpoint" in err and "Run the same command again" in err
+    meta = json.loads((out / "checkpoints" / "latest.json").read_text())
+    done = meta["iteration"]
+    assert done > 0 and not (out / "report.json").exists()
+    # resume with a shorter schedule: no further steps, straight to the export
+    res = subprocess.run(cmd[:-1] + ["1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from checkpoint at iteration {done}" in res.stderr
+    assert json.loads((out / "report.json").read_text())["iterations"] == done
