@@ -20,8 +20,10 @@ import json
 import os
 import secrets
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -82,23 +84,67 @@ class FlowSet:
 
 
 # ------------------------------------------------------------------ methods
-def dis_flow(src: np.ndarray, dst: np.ndarray, *, preset: str = DIS_DEFAULT_PRESET) -> np.ndarray:
+def dis_workers() -> int:
+    """Default DIS worker threads: the CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def dis_flow(src: np.ndarray, dst: np.ndarray, *, preset: str = DIS_DEFAULT_PRESET,
+             workers: Optional[int] = None) -> np.ndarray:
     """DIS optical flow (OpenCV) for a batch of uint8 RGB pairs; see :data:`FlowFn`.
 
     Runs on grayscale at the given resolution. ``preset`` names a :data:`DIS_PRESETS` entry.
+    With several pairs, ``workers`` threads (default :func:`dis_workers`) each run one pair
+    at a time on their own DIS instance with OpenCV's own threading off meanwhile: DIS's
+    internal parallelism stops scaling at a few cores (scripts/bench/dis_pool.py), pairs do
+    not. The flows do not depend on the number of workers.
     """
     if preset not in DIS_PRESETS:
         raise ConfigError(f"unknown DIS preset {preset!r}; choose one of {', '.join(DIS_PRESETS)}")
     cv_preset, finest = DIS_PRESETS[preset]
-    dis = cv2.DISOpticalFlow_create(cv_preset)
-    if finest is not None:
-        dis.setFinestScale(finest)
+    n = src.shape[0]
     out = np.empty(src.shape[:3] + (2,), np.float32)
-    for b in range(src.shape[0]):
+
+    def make():
+        dis = cv2.DISOpticalFlow_create(cv_preset)
+        if finest is not None:
+            dis.setFinestScale(finest)
+        return dis
+
+    def one(dis, b: int) -> None:
         a = cv2.cvtColor(np.ascontiguousarray(src[b]), cv2.COLOR_RGB2GRAY)
         c = cv2.cvtColor(np.ascontiguousarray(dst[b]), cv2.COLOR_RGB2GRAY)
         out[b] = dis.calc(a, c, None)
+
+    workers = min(n, dis_workers() if workers is None else max(1, int(workers)))
+    if workers <= 1:
+        dis = make()
+        for b in range(n):
+            one(dis, b)
+        return out
+    local = threading.local()
+
+    def job(b: int) -> None:
+        if not hasattr(local, "dis"):
+            local.dis = make()
+        one(local.dis, b)
+
+    with _OPENCV_SERIAL:  # OpenCV's thread count is process-wide
+        prev = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="dis") as pool:
+                for f in [pool.submit(job, b) for b in range(n)]:
+                    f.result()
+        finally:
+            cv2.setNumThreads(prev)
     return out
+
+
+_OPENCV_SERIAL = threading.Lock()
 
 
 #: Raised when a registered method cannot run here (torchvision missing, weights absent).
@@ -310,6 +356,8 @@ def _run_method(fn: FlowFn, clip: Clip, forward: np.ndarray, backward: np.ndarra
     step = _PAIRS_PER_CALL
     if hasattr(fn, "pairs_per_batch"):
         step = max(step, (fn.pairs_per_batch(fh, fw) + 1) // 2)  # both directions go in one call
+    elif fn is dis_flow:
+        step = max(step, (dis_workers() + 1) // 2)  # a flow for every DIS worker
     for i in range(0, total, step):
         j = min(total, i + step)
         u8 = clip.frames_uint8(i, j + 1)

@@ -6,6 +6,7 @@ import json
 import sys
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 
@@ -60,6 +61,23 @@ def test_dis_is_deterministic():
     a = sinusoids(64, 48)[None]
     b = sinusoids(64, 48, SHIFT)[None]
     np.testing.assert_array_equal(dis_flow(a, b), dis_flow(a, b))
+
+
+def test_dis_pool_gives_the_serial_flows():
+    """Pairs on worker threads, OpenCV's threading off: the same flows, the thread count restored."""
+    rng = np.random.default_rng(1)
+    seq = np.stack([sinusoids(96, 64, SHIFT * i) for i in range(5)])
+    seq = np.clip(seq.astype(np.int16) + rng.integers(-8, 9, seq.shape), 0, 255).astype(np.uint8)
+    src, dst = np.concatenate([seq[:-1], seq[1:]]), np.concatenate([seq[1:], seq[:-1]])
+    before = cv2.getNumThreads()
+    serial = dis_flow(src, dst, workers=1)
+    for workers in (2, 3, 8):
+        np.testing.assert_array_equal(dis_flow(src, dst, workers=workers), serial)
+    assert cv2.getNumThreads() == before
+    # a single pair is the serial path; bad pixels still raise
+    np.testing.assert_array_equal(dis_flow(src[:1], dst[:1], workers=4), serial[:1])
+    with pytest.raises(cv2.error):
+        dis_flow(src[:, :10], dst, workers=2)
 
 
 def test_compute_flow_shapes_directions_and_progress():
