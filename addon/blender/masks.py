@@ -4,7 +4,9 @@ Each Mask becomes ``<dest>/<index>_<name>/%05d.png`` (white = object), one file
 per source frame of the decomposed range, at the clip's size. The Mask is
 evaluated at the timeline frame where the source strip shows that frame, so a
 mask drawn over the strip lines up with it. Rasterisation goes through a
-temporary scene's sequencer (a mask strip), which works headless too.
+temporary scene's sequencer (a mask strip), which works headless too. The files keep
+Blender's antialiased edges; the backend binarises masks at 0.5, which also drops the
+faint stray pixel Blender's mask render sometimes leaves near a frame corner.
 """
 
 from __future__ import annotations

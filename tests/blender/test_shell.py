@@ -110,9 +110,12 @@ def test_mask_datablock_rasterised_per_frame(fresh, na, clip, tmp_path):
     files = sorted(os.listdir(folders[0]))
     assert files == [f"{i:05d}.png" for i in range(5)]  # 0-1 blank padding, 2-4 rasterised
     assert read_png(os.path.join(folders[0], "00000.png")).max() == 0.0
-    px = read_png(os.path.join(folders[0], "00003.png"))[..., 0]
-    assert px[:4, 4:12].min() == 1.0, "the mask is near the top-left corner of the frame"
-    assert px[-10:, :].max() == 0.0 and px[:, 32:].max() == 0.0
+    # what the backend reads: it binarises masks at 0.5 (backend/clip/source.py). Blender's mask
+    # render antialiases edges and now and then leaves a faint stray pixel (19/255 seen at a
+    # frame corner, about 1 run in 6), which that threshold drops.
+    px = read_png(os.path.join(folders[0], "00003.png"))[..., 0] > 0.5
+    assert px[:4, 4:12].all(), "the mask is near the top-left corner of the frame"
+    assert not px[-10:, :].any() and not px[:, 32:].any()
 
 
 def test_paint_setup(fresh, na, tmp_path):
