@@ -114,7 +114,9 @@ class ClipConfig:
 
 @dataclass
 class ExportConfig:
-    atlas_size: int = 1000  # square atlas, texel centres (k+0.5)/size over [-1,1]
+    # square atlas, texel centres (k+0.5)/size over [-1,1]; 0: from the trained mapping, one
+    # texel per median visible pixel of the most magnified layer (256-4096, docs/config.md)
+    atlas_size: int = 1000
     video_fps: float = 10.0  # seed writes fps=10; a clip's own fps wins when known
     write_videos: bool = True
     bake: bool = True  # per-frame uv/alpha/residual maps for fast edit re-render
@@ -186,7 +188,8 @@ class Config:
             (c.max_frames >= 2, "clip.max_frames must be >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
              "clip.flow_method must be dis|raft_small|raft_large|auto"),
-            (self.export.atlas_size >= 16, "export.atlas_size must be >= 16"),
+            (self.export.atlas_size == 0 or 16 <= self.export.atlas_size <= 16384,
+             "export.atlas_size must be 0 (auto) or 16-16384"),
             (0 <= self.export.workers <= 256, "export.workers must be in 0..256"),
         ]
         for grid in (m.texture_grid, m.xyt_grid):
@@ -222,6 +225,7 @@ def preset(name: str) -> Config:
     elif name == "quality":
         cfg.train.iterations = 80_000
         cfg.train.batch_size = 20_000
+        cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
     elif name == "fast":
         # time to quality on a GPU (docs/deviations.md, docs/benchmarks.md): 4x the seed's batch with
         # the bootstrapping/global-rigidity stops at the same number of samples, 8k iterations with a
@@ -241,6 +245,7 @@ def preset(name: str) -> Config:
         cfg.train.tf32 = True
         cfg.losses.alpha_bootstrapping_stop = 2_500
         cfg.losses.global_rigidity_stop = 1_250
+        cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
     elif name == "demo":
         # the 2-core CPU demo (docs/deviations.md): a narrower mapping MLP, 8-level grids,
         # 1k batch, 400 iterations with the schedules scaled to them, 256^2 atlases

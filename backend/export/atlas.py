@@ -9,6 +9,9 @@ convention; export, bake, edit and the Blender add-on all go through these funct
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from torch.nn import functional as F
 
@@ -18,6 +21,46 @@ def texel_centres(size: int, device: torch.device | str = "cpu") -> torch.Tensor
     c = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
     v, u = torch.meshgrid(c, c, indexing="ij")
     return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
+
+
+#: Bounds of an automatic atlas size (texels a side) and its rounding.
+AUTO_ATLAS_MIN, AUTO_ATLAS_MAX, AUTO_ATLAS_MULTIPLE = 256, 4096, 16
+
+
+def pixel_footprints(uv: torch.Tensor, alpha: torch.Tensor, max_samples: int = 1 << 16) -> torch.Tensor:
+    """Atlas area (in uv units^2) one frame pixel covers where a layer is visible.
+
+    ``uv`` (H, W, 2) and ``alpha`` (H, W) of one layer in one frame; the Jacobian of the mapping
+    by forward differences over one pixel, kept where this pixel and its two neighbours have
+    alpha > 0.5 (inside the layer, away from its edges and folds). Returns at most
+    ``max_samples`` values (an even stride through them), empty where the layer is not seen."""
+    d_x = uv[:-1, 1:] - uv[:-1, :-1]
+    d_y = uv[1:, :-1] - uv[:-1, :-1]
+    det = (d_x[..., 0] * d_y[..., 1] - d_x[..., 1] * d_y[..., 0]).abs()
+    inside = (alpha[:-1, :-1] > 0.5) & (alpha[:-1, 1:] > 0.5) & (alpha[1:, :-1] > 0.5)
+    vals = det[inside & torch.isfinite(det) & (det > 0)]
+    if vals.numel() > max_samples:
+        vals = vals[:: -(-vals.numel() // max_samples)]
+    return vals
+
+
+def size_for_footprints(per_layer: list[torch.Tensor], current: int) -> tuple[int, list[Optional[float]]]:
+    """The square atlas size at which a layer's median visible pixel covers one texel.
+
+    A texel is 2/S wide in uv, a pixel covering area A is sqrt(A) wide, so a layer needs
+    S = 2 / sqrt(median A). The result is the largest over the layers, rounded up to a
+    multiple of :data:`AUTO_ATLAS_MULTIPLE` and clamped to [:data:`AUTO_ATLAS_MIN`,
+    :data:`AUTO_ATLAS_MAX`]; ``current`` when no layer is seen. Also returns each layer's
+    unrounded size (None where unseen)."""
+    sizes: list[Optional[float]] = []
+    for vals in per_layer:
+        sizes.append(None if vals.numel() == 0 else 2.0 / math.sqrt(float(vals.median())))
+    seen = [v for v in sizes if v is not None and math.isfinite(v)]
+    if not seen:
+        return current, sizes
+    m = AUTO_ATLAS_MULTIPLE
+    size = int(math.ceil(max(seen) / m) * m)
+    return max(AUTO_ATLAS_MIN, min(AUTO_ATLAS_MAX, size)), sizes
 
 
 @torch.no_grad()

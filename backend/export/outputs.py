@@ -23,7 +23,7 @@ from ..clip import Clip, write_json, write_png16_rgba
 from ..clip.video import writer_library
 from ..config import Config
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
-from .atlas import render_atlas, splat_max
+from .atlas import pixel_footprints, render_atlas, size_for_footprints, splat_max
 from .sinks import FrameWriters, VideoSink, png_job, store_job
 
 ATLAS_CONVENTION = ("atlas image S x S covers u,v in [-1,1]; texel (row r, col c) centre at "
@@ -57,6 +57,31 @@ def evaluate_frame(model, geom, f: int, chunk: int = 1 << 17) -> dict[str, torch
     return {"uv": uv, "rgb": rgb, "residual": res, "alpha": alpha}
 
 
+def _atlas_jobs(out: Path, bake_dir: Path, i: int, atlas: torch.Tensor, seen: torch.Tensor) -> list:
+    """Write jobs for layer ``i``'s atlas: the 16-bit RGBA PNG (alpha = seen) and the bake's arrays."""
+    rgb = atlas.float().cpu().numpy()
+    seen_np = seen.float().cpu().numpy()
+    rgba = np.concatenate([rgb, seen_np[..., None]], -1).clip(0, 1)
+    return [lambda: write_png16_rgba(out / "atlas" / f"layer_{i}.png", rgba),
+            lambda: np.save(bake_dir / f"atlas_{i}.npy", rgb),
+            lambda: np.save(bake_dir / f"atlas_{i}_seen.npy", seen_np)]
+
+
+@torch.no_grad()
+def auto_atlas_size(model, geom, n_frames: int = 8) -> tuple[int, list]:
+    """Atlas size from the trained mapping: one texel per median visible pixel of the most
+    magnified layer, from ``n_frames`` frames spread over the clip
+    (:func:`~backend.export.atlas.size_for_footprints`); with each layer's own size."""
+    F_ = geom.n_frames
+    frames = sorted({round(k * (F_ - 1) / max(1, n_frames - 1)) for k in range(min(n_frames, F_))})
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
+    for f in frames:
+        ev = evaluate_frame(model, geom, f)
+        for i in range(model.n_layers):
+            per_layer[i].append(pixel_footprints(ev["uv"][i], ev["alpha"][i]))
+    return size_for_footprints([torch.cat(v) for v in per_layer], 1000)
+
+
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
     """Float [0, 1] -> uint8 on the tensor's device, exactly as the PNG writers round
     (NaN -> 0, clipped, ``x * 255 + 0.5`` truncated)."""
@@ -82,8 +107,10 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     model, geom = trainer.model, trainer.geom
     model.eval()
     N, F_, H, W = model.n_layers, geom.n_frames, geom.height, geom.width
-    S = cfg.export.atlas_size
     dev = trainer.device
+    S, auto_sizes = cfg.export.atlas_size, None
+    if S == 0:
+        S, auto_sizes = auto_atlas_size(model, geom)
     names = layer_names(clip)
     (out / "atlas").mkdir(parents=True, exist_ok=True)
     bake_dir = out / "bake"
@@ -139,6 +166,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                         sinks[name].put(u8)
             writers.submit(jobs)
             progress(Progress("export", fraction=0.9 + 0.08 * (f + 1) / F_, message=f"frame {f + 1}/{F_}"))
+        # the atlases (complete now that every frame has splatted into ``seen``) on the same pool
+        atlas_files = [str((out / "atlas" / f"layer_{i}.png").relative_to(out)) for i in range(N)]
+        writers.submit([job for i in range(N) for job in _atlas_jobs(out, bake_dir, i, atlases[i], seen[i])])
         writers.close()
         for name, sink in sinks.items():
             videos[name] = str(Path(sink.close()).relative_to(out))
@@ -153,14 +183,6 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     mse = torch.stack(psnrs).cpu().numpy() if psnrs else np.zeros((0, 2))
     per_frame = [_psnr_of(m) for m in mse[:, 0]]
     per_frame_nores = [_psnr_of(m) for m in mse[:, 1]]
-
-    atlas_files = []
-    for i in range(N):
-        rgba = torch.cat([atlases[i], seen[i][..., None]], dim=-1).clamp(0, 1).cpu().numpy()
-        path = write_png16_rgba(out / "atlas" / f"layer_{i}.png", rgba)
-        np.save(bake_dir / f"atlas_{i}.npy", atlases[i].cpu().numpy().astype(np.float32))
-        np.save(bake_dir / f"atlas_{i}_seen.npy", seen[i].cpu().numpy().astype(np.float32))
-        atlas_files.append(str(path.relative_to(out)))
 
     st = trainer.state
     layers = [{"index": i, "name": names[i], "kind": "background" if i == N - 1 else "object",
@@ -190,6 +212,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                  "width": W, "height": H, "source_size": list(clip.source_size), "fps": clip.fps,
                  "fingerprint": clip.fingerprint(), "frame_names": list(clip.frame_names)},
         "atlas_size": S,
+        # with export.atlas_size = 0: each layer's size for one texel per median visible pixel
+        "atlas_size_auto": None if auto_sizes is None else [None if v is None else round(v, 1)
+                                                            for v in auto_sizes],
         "atlas_convention": ATLAS_CONVENTION,
         "outputs": {"atlases": atlas_files, "videos": videos, "bake": "bake",
                     "frames": {s: f"frames/{s}" for s in streams} if cfg.export.write_videos else {}},
