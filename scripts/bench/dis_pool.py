@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,23 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from backend.preprocess.flow import dis_flow, dis_workers  # noqa: E402
-
-
-def frames(n: int, w: int, h: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    big = cv2.resize(rng.random((h // 8 + 4, w // 8 + 4, 3), dtype=np.float32), (w + 8 * n, h),
-                     interpolation=cv2.INTER_CUBIC)
-    return np.stack([(np.clip(big[:, 3 * t:3 * t + w], 0, 1) * 255).astype(np.uint8) for t in range(n)])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from flow_epe import cpu_name  # noqa: E402  (sibling bench scripts)
+from flow_speed import frames  # noqa: E402
 
 
 def main() -> None:
