@@ -1,7 +1,8 @@
 """``python -m backend``: argument parsing and wiring only.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad input or settings (the message says what),
-130 interrupted (a checkpoint was saved; run the same command again to resume).
+130 interrupted by Ctrl-C or SIGTERM (a checkpoint was saved; run the same command again
+to resume).
 """
 
 from __future__ import annotations
@@ -55,16 +56,31 @@ class ConsoleProgress:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _cancel_on_sigint() -> CancelToken:
+#: A second signal this soon after the first is the same request delivered twice (``timeout``
+#: signals the command and then its whole process group), not a human's second Ctrl-C.
+_REPEAT_S = 1.0
+
+
+def _cancel_on_signals() -> CancelToken:
+    """Ctrl-C (SIGINT) or SIGTERM (a job scheduler, ``timeout``, a render farm's preemption):
+    stop at the next step and save a checkpoint. A second one a second or more later aborts."""
     token = CancelToken()
+    first: list[float] = []
 
     def handler(signum, frame):  # noqa: ARG001
+        now = time.monotonic()
         if token.cancelled:
+            if first and now - first[0] < _REPEAT_S:
+                return
             raise KeyboardInterrupt
-        print("\ninterrupted: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-        token.cancel("interrupted")
+        first.append(now)
+        name = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(f"\n{name}: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        token.cancel(name)
 
     signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
     return token
 
 
@@ -100,7 +116,7 @@ def cmd_decompose(args) -> int:
     if detect is not None and args.masks:
         raise NeuralAtlasError("give either --masks folders or a --detector, not both")
     out = decompose(args.clip, args.out, cfg, masks=args.masks, frame_range=_frames(args.frames),
-                    progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint(), resume=not args.no_resume,
+                    progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(), resume=not args.no_resume,
                     detect=detect, flow_options=flow_options(args))
     rep = json.loads((out / "report.json").read_text())
     print(json.dumps({"out": str(out), "psnr": rep["psnr"], "psnr_no_residual": rep["psnr_no_residual"],
@@ -122,7 +138,7 @@ def cmd_edit(args) -> int:
             raise NeuralAtlasError(f"--layer index must be an integer, got {k!r}") from None
     info = render_edit(args.dir, edits, mode=args.mode, frame_range=_frames(args.frames), out=args.out,
                        formats=tuple(args.format.split(",")), resolution=args.resolution,
-                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint(), device=args.device)
+                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(), device=args.device)
     print(json.dumps(info))
     return EXIT_OK
 
@@ -139,7 +155,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     cfg = _config(args)
     rep = run_demo(args.out, cfg, width=args.width, height=args.height, n_frames=args.n_frames,
-                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_sigint())
+                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals())
     summary = {k: rep[k] for k in ("psnr", "psnr_no_residual", "alpha_iou", "iterations",
                                    "train_seconds", "total_seconds", "device")}
     summary["edit_drift_px"] = {k: rep["edit_drift_px"][k] for k in ("mean", "max")}
