@@ -115,7 +115,7 @@ class ClipConfig:
 @dataclass
 class ExportConfig:
     # square atlas, texel centres (k+0.5)/size over [-1,1]; 0: from the trained mapping, one
-    # texel per median visible pixel of the most magnified layer (256-4096, docs/config.md)
+    # texel per median visible pixel of the most magnified layer (1000-4096, docs/config.md)
     atlas_size: int = 1000
     video_fps: float = 10.0  # seed writes fps=10; a clip's own fps wins when known
     write_videos: bool = True

@@ -23,8 +23,9 @@ def texel_centres(size: int, device: torch.device | str = "cpu") -> torch.Tensor
     return torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
 
 
-#: Bounds of an automatic atlas size (texels a side) and its rounding.
-AUTO_ATLAS_MIN, AUTO_ATLAS_MAX, AUTO_ATLAS_MULTIPLE = 256, 4096, 16
+#: Bounds of an automatic atlas size (texels a side) and its rounding. Never below the seed's
+#: 1000: small shots keep their oversampled atlas (finer strokes than the plate's pixels).
+AUTO_ATLAS_MIN, AUTO_ATLAS_MAX, AUTO_ATLAS_MULTIPLE = 1000, 4096, 16
 
 
 def pixel_footprints(uv: torch.Tensor, alpha: torch.Tensor, max_samples: int = 1 << 16) -> torch.Tensor:
