@@ -12,7 +12,7 @@ from .clip import Clip, load_clip, write_json
 from .config import Config
 from .edit.apply import render_edit
 from .errors import CheckpointError, OutputError
-from .export.outputs import export_all, write_report
+from .export.outputs import export_all
 from .preprocess.flow import compute_flow
 from .progress import CancelToken, Progress, ProgressFn, null_progress
 from .train import Trainer, load_checkpoint, read_meta
@@ -139,12 +139,11 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
         raise CheckpointError(f"{ckpt} holds a checkpoint; pass resume=True (CLI: drop --no-resume) "
                               "or choose another output folder")
     trainer.train(checkpoint_dir=ckpt)
-    report = export_all(trainer, clip, out, cfg, progress=progress, cancel=cancel,
-                        extra_report={"flow_seconds": round(flow_seconds, 3),
-                                      "flow_method": getattr(flow, "method", cfg.clip.flow_method)})
-    # this call's wall time, loading to the written report (a resumed run counts only its own part)
-    report["total_seconds"] = round(time.perf_counter() - t_start, 3)
-    write_report(out, report)
+    # total_seconds: this call's wall time, loading to the written report (a resumed run counts
+    # only its own part)
+    export_all(trainer, clip, out, cfg, progress=progress, cancel=cancel, started=t_start,
+               extra_report={"flow_seconds": round(flow_seconds, 3),
+                             "flow_method": getattr(flow, "method", cfg.clip.flow_method)})
     progress(Progress("done", fraction=1.0, message=f"wrote {out}"))
     return out
 

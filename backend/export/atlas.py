@@ -45,20 +45,20 @@ def pixel_footprints(uv: torch.Tensor, alpha: torch.Tensor, max_samples: int = 1
     return vals
 
 
-def size_for_footprints(per_layer: list[torch.Tensor], current: int) -> tuple[int, list[Optional[float]]]:
+def size_for_footprints(per_layer: list[torch.Tensor]) -> tuple[int, list[Optional[float]]]:
     """The square atlas size at which a layer's median visible pixel covers one texel.
 
     A texel is 2/S wide in uv, a pixel covering area A is sqrt(A) wide, so a layer needs
     S = 2 / sqrt(median A). The result is the largest over the layers, rounded up to a
     multiple of :data:`AUTO_ATLAS_MULTIPLE` and clamped to [:data:`AUTO_ATLAS_MIN`,
-    :data:`AUTO_ATLAS_MAX`]; ``current`` when no layer is seen. Also returns each layer's
+    :data:`AUTO_ATLAS_MAX`]; the least size when no layer is seen. Also returns each layer's
     unrounded size (None where unseen)."""
     sizes: list[Optional[float]] = []
     for vals in per_layer:
         sizes.append(None if vals.numel() == 0 else 2.0 / math.sqrt(float(vals.median())))
     seen = [v for v in sizes if v is not None and math.isfinite(v)]
     if not seen:
-        return current, sizes
+        return AUTO_ATLAS_MIN, sizes
     m = AUTO_ATLAS_MULTIPLE
     size = int(math.ceil(max(seen) / m) * m)
     return max(AUTO_ATLAS_MIN, min(AUTO_ATLAS_MAX, size)), sizes

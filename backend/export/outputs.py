@@ -79,7 +79,7 @@ def auto_atlas_size(model, geom, n_frames: int = 8) -> tuple[int, list]:
         ev = evaluate_frame(model, geom, f)
         for i in range(model.n_layers):
             per_layer[i].append(pixel_footprints(ev["uv"][i], ev["alpha"][i]))
-    return size_for_footprints([torch.cat(v) for v in per_layer], 1000)
+    return size_for_footprints([torch.cat(v) for v in per_layer])
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,12 @@ def _psnr_of(mse: float) -> float:
 
 
 def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Optional[ProgressFn] = None,
-               cancel: Optional[CancelToken] = None, extra_report: Optional[dict] = None) -> dict:
-    """Write atlas/, video/, bake/ and report.json for a trained model; returns the report."""
+               cancel: Optional[CancelToken] = None, extra_report: Optional[dict] = None,
+               started: Optional[float] = None) -> dict:
+    """Write atlas/, video/, bake/ and report.json for a trained model; returns the report.
+
+    ``started``: a ``time.perf_counter()`` reading; the report's ``total_seconds`` is the time
+    from it to the written report."""
     progress = progress or null_progress
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
@@ -225,6 +229,8 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
         report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 3)
     if extra_report:
         report.update(extra_report)
+    if started is not None:
+        report["total_seconds"] = round(time.perf_counter() - started, 3)
     write_report(out, report)
     model.train()
     return report

@@ -43,7 +43,7 @@ def test_footprints_and_size_of_known_linear_maps():
     # inside the box only, less the last row and column (forward differences need alpha there too)
     assert f0.numel() == 24 * 39 and f1.numel() == 39 * 19
     assert torch.allclose(f0, torch.full_like(f0, 4e-6), rtol=1e-3)
-    size, per_layer = size_for_footprints([f0, f1], 1000)
+    size, per_layer = size_for_footprints([f0, f1])
     assert per_layer[0] == pytest.approx(1000, rel=1e-3)
     assert per_layer[1] == pytest.approx(2 / math.sqrt(2e-6), rel=1e-3)  # 1414.2
     assert size == 1424  # the larger, rounded up to a multiple of 16
@@ -51,16 +51,16 @@ def test_footprints_and_size_of_known_linear_maps():
 
 def test_size_bounds_unseen_layers_and_edges():
     uv, a = linear_map(30, 30, [[0.2, 0.0], [0.0, 0.2]])  # 10 texels: clamped up
-    assert size_for_footprints([pixel_footprints(uv, a)], 1000)[0] == AUTO_ATLAS_MIN
+    assert size_for_footprints([pixel_footprints(uv, a)])[0] == AUTO_ATLAS_MIN
     uv, a = linear_map(30, 30, [[1e-5, 0.0], [0.0, 1e-5]])
-    assert size_for_footprints([pixel_footprints(uv, a)], 1000)[0] == AUTO_ATLAS_MAX
+    assert size_for_footprints([pixel_footprints(uv, a)])[0] == AUTO_ATLAS_MAX
     empty = pixel_footprints(uv, torch.zeros(30, 30))
     assert empty.numel() == 0
-    assert size_for_footprints([empty, empty], 777) == (777, [None, None])
+    assert size_for_footprints([empty, empty]) == (AUTO_ATLAS_MIN, [None, None])
     # a fold (uv jumps) at the layer's edge does not move the median
     uv, a = linear_map(40, 40, [[0.002, 0.0], [0.0, 0.002]])
     uv[:, 20:] += 0.5
-    assert size_for_footprints([pixel_footprints(uv, a)], 1000)[1][0] == pytest.approx(1000, rel=1e-3)
+    assert size_for_footprints([pixel_footprints(uv, a)])[1][0] == pytest.approx(1000, rel=1e-3)
     # subsampling keeps at most max_samples values
     assert pixel_footprints(uv, a, max_samples=100).numel() <= 100
 
