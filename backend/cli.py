@@ -145,7 +145,8 @@ def cmd_edit(args) -> int:
 
 def cmd_render(args) -> int:
     from .pipeline import rerender
-    out = rerender(args.dir, progress=ConsoleProgress(args.quiet), device=args.device)
+    out = rerender(args.dir, progress=ConsoleProgress(args.quiet), device=args.device,
+                   bake=True if args.bake else None)
     rep = json.loads((out / "report.json").read_text())
     print(json.dumps({"out": str(out), "psnr": rep["psnr"], "psnr_no_residual": rep["psnr_no_residual"]}))
     return EXIT_OK
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="re-export atlases, videos and report from the saved checkpoint")
     p.add_argument("dir", type=Path)
     p.add_argument("--device")
+    p.add_argument("--bake", action="store_true",
+                   help="write the per-frame maps edits need, even if the decomposition was made without")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_render)
 

@@ -119,7 +119,9 @@ class ExportConfig:
     atlas_size: int = 1000
     video_fps: float = 10.0  # seed writes fps=10; a clip's own fps wins when known
     write_videos: bool = True
-    bake: bool = True  # per-frame uv/alpha/residual maps for fast edit re-render
+    # per-frame uv/alpha/residual maps the edit path renders from (about 63 MB a frame at 1080p
+    # with 2 layers); false: atlases, videos and report only, `render --bake` adds them later
+    bake: bool = True
     workers: int = 0  # threads encoding and writing the exported frames (0: the cores, at most 8)
 
 

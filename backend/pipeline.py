@@ -149,8 +149,10 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
 
 
 def rerender(out_dir: str | Path, progress: Optional[ProgressFn] = None,
-             device: Optional[str] = None) -> Path:
-    """Re-export atlases, videos, bake and report of ``out_dir`` from its saved checkpoint."""
+             device: Optional[str] = None, bake: Optional[bool] = None) -> Path:
+    """Re-export atlases, videos, bake and report of ``out_dir`` from its saved checkpoint.
+
+    ``bake`` overrides the saved ``export.bake`` (True: write the per-frame maps edits need)."""
     out = Path(out_dir)
     cfg_path = out / "config.toml"
     if not cfg_path.exists():
@@ -158,6 +160,8 @@ def rerender(out_dir: str | Path, progress: Optional[ProgressFn] = None,
     cfg = Config.load(cfg_path)
     if device:
         cfg = cfg.replace(train={"device": device})
+    if bake is not None:
+        cfg = cfg.replace(export={"bake": bool(bake)})
     if read_meta(out / "checkpoints") is None:
         raise CheckpointError(f"{out / 'checkpoints'} holds no checkpoint to render from")
     info_path = out / "clip.json"

@@ -62,6 +62,9 @@ def load_bake(result_dir: str | Path) -> Bake:
                                "run `decompose` (or `render` to re-export from a checkpoint) first")
     report = json.loads(rep.read_text(encoding="utf-8"))
     m = json.loads(meta.read_text(encoding="utf-8"))
+    if not m.get("maps", True):
+        raise NeuralAtlasError(f"{root} was exported without its per-frame maps (export.bake = false), "
+                               f"which edits render from; add them with `python -m backend render {root} --bake`")
     n = int(m["layers"])
     atlases = [np.load(root / "bake" / f"atlas_{i}.npy") for i in range(n)]
     seen = [np.load(root / "bake" / f"atlas_{i}_seen.npy") for i in range(n)]

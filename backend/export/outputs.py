@@ -124,9 +124,14 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     atlases = [render_atlas(lambda uv, i=i: model.texture(i, uv), S, dev) for i in range(N)]
     seen = [torch.zeros(S, S, device=dev) for _ in range(N)]
     mm = np.lib.format.open_memmap
-    uv_maps = [mm(bake_dir / f"layer_{i}_uv.npy", "w+", np.float32, (F_, H, W, 2)) for i in range(N)]
-    alpha_maps = [mm(bake_dir / f"layer_{i}_alpha.npy", "w+", np.float16, (F_, H, W)) for i in range(N)]
-    res_maps = [mm(bake_dir / f"layer_{i}_residual.npy", "w+", np.float16, (F_, H, W, 3)) for i in range(N)]
+    bake_maps = bool(cfg.export.bake)  # the per-frame maps the edit path renders from
+    for i in range(0 if bake_maps else N):  # no stale maps of an earlier export next to new atlases
+        for kind in ("uv", "alpha", "residual"):
+            (bake_dir / f"layer_{i}_{kind}.npy").unlink(missing_ok=True)
+    n_maps = N if bake_maps else 0
+    uv_maps = [mm(bake_dir / f"layer_{i}_uv.npy", "w+", np.float32, (F_, H, W, 2)) for i in range(n_maps)]
+    alpha_maps = [mm(bake_dir / f"layer_{i}_alpha.npy", "w+", np.float16, (F_, H, W)) for i in range(n_maps)]
+    res_maps = [mm(bake_dir / f"layer_{i}_residual.npy", "w+", np.float16, (F_, H, W, 3)) for i in range(n_maps)]
 
     streams = ["reconstruction", "reconstruction_no_residual"] + [f"alpha_{i}" for i in range(N)] + \
               ([f"residual_{i}" for i in range(N)] if model.residuals is not None else [])
@@ -152,11 +157,13 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
             for i in range(N):
                 splat_max(seen[i], ev["uv"][i].reshape(-1, 2), a[i].reshape(-1))
             # one device-to-host copy per array, 8-bit images converted on the device
-            uv = ev["uv"].cpu().numpy()
-            alpha16 = a.half().cpu().numpy()
-            res16 = ev["residual"].half().cpu().numpy()
-            jobs = [store_job(m[f], v) for maps, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
-                    for m, v in zip(maps, arr)]
+            jobs = []
+            if bake_maps:
+                uv = ev["uv"].cpu().numpy()
+                alpha16 = a.half().cpu().numpy()
+                res16 = ev["residual"].half().cpu().numpy()
+                jobs = [store_job(m[f], v) for maps, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
+                        for m, v in zip(maps, arr)]
             if cfg.export.write_videos:
                 images = {"reconstruction": recon, "reconstruction_no_residual": recon_nores}
                 for i in range(N):
@@ -191,7 +198,7 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     st = trainer.state
     layers = [{"index": i, "name": names[i], "kind": "background" if i == N - 1 else "object",
                "atlas": atlas_files[i], "uv_scale": model.uv_scales[i]} for i in range(N)]
-    bake_meta = {"frames": F_, "height": H, "width": W, "layers": N, "atlas_size": S,
+    bake_meta = {"frames": F_, "height": H, "width": W, "layers": N, "atlas_size": S, "maps": bake_maps,
                  "atlas_convention": ATLAS_CONVENTION, "uv": "layer_<i>_uv.npy float32 (F,H,W,2)",
                  "alpha": "layer_<i>_alpha.npy float16 (F,H,W)",
                  "residual": "layer_<i>_residual.npy float16 (F,H,W,3)",

@@ -13,7 +13,7 @@ import torch
 
 from backend.clip import read_image, write_png, write_png16_rgba
 from backend.edit import EditRenderer, load_bake, render_edit
-from backend.errors import ConfigError, OutputError
+from backend.errors import ConfigError, NeuralAtlasError, OutputError
 from backend.pipeline import decompose, prepare_output, rerender
 from backend.synthetic import make_synthetic_clip, paint_disc
 
@@ -217,3 +217,24 @@ def test_cli_signal_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, si
     assert res.returncode == 0, res.stderr
     assert f"resumed from checkpoint at iteration {done}" in res.stderr
     assert json.loads((out / "report.json").read_text())["iterations"] == done
+
+
+def test_export_without_baked_maps_then_render_adds_them(tmp_path):
+    """export.bake = false: atlases and report, no per-frame maps; edits say how to add them."""
+    scene = make_synthetic_clip(width=48, height=32, n_frames=4, seed=4)
+    cfg = tiny_config(iterations=6).replace(export={"atlas_size": 32, "bake": False})
+    out = decompose(scene.write(tmp_path / "clip"), tmp_path / "dec", cfg)
+    assert (out / "atlas" / "layer_0.png").exists() and (out / "report.json").exists()
+    assert not list((out / "bake").glob("layer_*.npy"))
+    assert json.loads((out / "bake" / "meta.json").read_text())["maps"] is False
+    with pytest.raises(NeuralAtlasError, match=r"without its per-frame maps.*render .* --bake"):
+        load_bake(out)
+    res = _cli("render", str(out), "--bake", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    bake = load_bake(out)
+    assert bake.uv(0).shape == (4, 32, 48, 2) and bake.alpha(1).shape == (4, 32, 48)
+    r = EditRenderer(out, {0: out / "atlas" / "layer_0.png"})
+    assert np.array_equal(r.frame(2), r.frame(2, edited=False))
+    # exporting again without maps removes the stale ones
+    rerender(out, bake=False)
+    assert not list((out / "bake").glob("layer_*.npy"))
