@@ -125,13 +125,15 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     seen = [torch.zeros(S, S, device=dev) for _ in range(N)]
     mm = np.lib.format.open_memmap
     bake_maps = bool(cfg.export.bake)  # the per-frame maps the edit path renders from
-    for i in range(0 if bake_maps else N):  # no stale maps of an earlier export next to new atlases
-        for kind in ("uv", "alpha", "residual"):
-            (bake_dir / f"layer_{i}_{kind}.npy").unlink(missing_ok=True)
-    n_maps = N if bake_maps else 0
-    uv_maps = [mm(bake_dir / f"layer_{i}_uv.npy", "w+", np.float32, (F_, H, W, 2)) for i in range(n_maps)]
-    alpha_maps = [mm(bake_dir / f"layer_{i}_alpha.npy", "w+", np.float16, (F_, H, W)) for i in range(n_maps)]
-    res_maps = [mm(bake_dir / f"layer_{i}_residual.npy", "w+", np.float16, (F_, H, W, 3)) for i in range(n_maps)]
+    map_specs = {"uv": (np.float32, (F_, H, W, 2)), "alpha": (np.float16, (F_, H, W)),
+                 "residual": (np.float16, (F_, H, W, 3))}
+    if not bake_maps:  # no stale maps of an earlier export next to the new atlases
+        for i in range(N):
+            for kind in map_specs:
+                (bake_dir / f"layer_{i}_{kind}.npy").unlink(missing_ok=True)
+    uv_maps, alpha_maps, res_maps = ([mm(bake_dir / f"layer_{i}_{kind}.npy", "w+", dtype, shape)
+                                      for i in range(N if bake_maps else 0)]
+                                     for kind, (dtype, shape) in map_specs.items())
 
     streams = ["reconstruction", "reconstruction_no_residual"] + [f"alpha_{i}" for i in range(N)] + \
               ([f"residual_{i}" for i in range(N)] if model.residuals is not None else [])

@@ -145,6 +145,8 @@ def dis_flow(src: np.ndarray, dst: np.ndarray, *, preset: str = DIS_DEFAULT_PRES
 
 
 _OPENCV_SERIAL = threading.Lock()
+# flows per call that keep every DIS worker busy (compute_flow reads it as it does RAFT's)
+dis_flow.pairs_per_batch = lambda height, width: dis_workers()  # type: ignore[attr-defined]
 
 
 #: Raised when a registered method cannot run here (torchvision missing, weights absent).
@@ -356,8 +358,6 @@ def _run_method(fn: FlowFn, clip: Clip, forward: np.ndarray, backward: np.ndarra
     step = _PAIRS_PER_CALL
     if hasattr(fn, "pairs_per_batch"):
         step = max(step, (fn.pairs_per_batch(fh, fw) + 1) // 2)  # both directions go in one call
-    elif fn is dis_flow:
-        step = max(step, (dis_workers() + 1) // 2)  # a flow for every DIS worker
     for i in range(0, total, step):
         j = min(total, i + step)
         u8 = clip.frames_uint8(i, j + 1)
