@@ -7,7 +7,7 @@ import atexit
 
 import bpy
 
-from . import masks, operators, paint, panels, prefs, props, runtime  # noqa: F401
+from . import lifetime, masks, operators, paint, panels, prefs, preview, props, runtime  # noqa: F401
 
 _CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES)
 

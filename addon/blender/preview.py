@@ -1,0 +1,516 @@
+"""Live preview of an edited shot, computed by Blender from the decomposition's maps.
+
+No backend round trip: a preview scene renders, for every frame of the shot, exactly the
+backend's delta formula (docs/atlas.md)
+
+    out = plate + sum_i o_i(f) * alpha_i * R_i * (E_i(uv_i) - T_i(uv_i)),   E over T by a
+
+from image sequences (plate; per layer the STMap with alpha and the residual, maps/ or
+maps_source/, all Non-Color), the layer's atlas T and the artist's edit image E (the same
+datablocks the artist paints: a stroke shows on the next redraw of the frame), and the
+per-frame opacity o_i baked from the edit lifetime (core.lifetime, the numbers Render Edit
+sends). The preview scene is shown in the VSE as a scene strip above the source, aligned
+frame for frame; it never writes a pixel of the source, the atlases or the edits.
+
+How the shader matches the backend:
+* every map is sampled with Closest at the preview pixel's centre (the render has one
+  sample per pixel, box filter 0.01 px), so each pixel reads its own map values;
+* the atlas-space bilinear lookup is done by hand: four Closest taps at texel centres with
+  the weights of ``grid_sample(align_corners=False, padding_mode="border")``, so the
+  premultiplied delta ``a (rgb - T)`` is formed per texel before interpolation, as the
+  backend does;
+* the atlas is read from its PNG into the preview's own image, Non-Color and channel-packed
+  (raw values, never premultiplied by its alpha, which Blender would do to the artist's atlas
+  image and lose T where nothing was seen); the edit image is the artist's, sRGB: Blender
+  hands the shader its (straight, since its Alpha is used) linear decode, which the shader
+  encodes back (exact sRGB curve), so the formula runs on encoded values like the backend's;
+* the result is decoded to linear at the end: the VSE encodes a scene strip's linear
+  render into its sequencer colour space (sRGB), giving back the encoded values.
+
+Everything the preview creates is tagged ``neural_atlas_preview = <shot>`` and removed by
+``disable``: the file's datablocks and strips are then exactly what they were.
+Rendering: Cycles (CPU or GPU, one sample). In the VSE the scene strip is drawn with the
+preview scene's *Sequencer preview shading* (``render.sequencer_gl_preview``), set to
+Rendered so that the preview is the exact one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import bpy
+
+from ..core import lifetime as L
+from ..core import strips as S
+from . import images, vse
+from .lifetime import first_frame, per_frame
+from .props import NA_JobItem
+
+KEY = "neural_atlas_preview"  # custom property on everything the preview creates: the shot key
+MAPS_HINT = "add them with `python -m backend render {out} --maps` (or decompose again)"
+_DATA = ("scenes", "objects", "cameras", "meshes", "materials", "images", "actions", "node_groups")
+
+Socket = Any  # bpy.types.NodeSocket
+Value = Union[Socket, float, tuple]
+
+
+class PreviewError(Exception):
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+# ----------------------------------------------------------------- the maps
+@dataclass(frozen=True)
+class MapLayer:
+    index: int
+    atlas_size: int
+    stmap: str  # first file of the STMap sequence (frame 0)
+    residual: str
+
+
+@dataclass(frozen=True)
+class Maps:
+    folder: str
+    frames: int
+    width: int
+    height: int
+    layers: tuple[MapLayer, ...]
+
+
+def read_maps(out_dir: str, prefer_source: bool = False) -> Maps:
+    """The EXR maps of a decomposition (maps/meta.json, or maps_source/ when asked and there).
+    Raises PreviewError saying how to add them when there are none."""
+    folders = ["maps_source", "maps"] if prefer_source else ["maps", "maps_source"]
+    for name in folders:
+        meta_path = os.path.join(out_dir, name, "meta.json")
+        if os.path.isfile(meta_path):
+            break
+    else:
+        raise PreviewError(f"the decomposition in {out_dir} has no EXR maps (maps/meta.json), which the "
+                           "live preview reads", MAPS_HINT.format(out=out_dir))
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        folder = os.path.dirname(meta_path)
+        layers = []
+        for entry in meta["layers"]:
+            i = int(entry["index"])
+            st = os.path.join(folder, meta["stmap"].format(layer=i) % 0)
+            rs = os.path.join(folder, meta["residual"].format(layer=i) % 0)
+            for p in (st, rs):
+                if not os.path.isfile(p):
+                    raise PreviewError(f"the map {p} is missing", MAPS_HINT.format(out=out_dir))
+            layers.append(MapLayer(i, int(entry["atlas_size"]), st, rs))
+        return Maps(folder, int(meta["frames"]), int(meta["width"]), int(meta["height"]),
+                    tuple(sorted(layers, key=lambda m: m.index)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PreviewError(f"cannot read {meta_path}: {e}", MAPS_HINT.format(out=out_dir)) from None
+
+
+@dataclass(frozen=True)
+class Plate:
+    path: str  # a movie, or the first file of a numbered image sequence
+    movie: bool
+    offset: int  # ImageUser.frame_offset putting the shot's frame 0 on its first frame
+    size: tuple[int, int]
+
+
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def plate_of(out_dir: str) -> Plate:
+    """The frames the decomposition was made from (report.json), as Blender reads them."""
+    try:
+        with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
+            clip = json.load(f)["clip"]
+    except (OSError, ValueError, KeyError) as e:
+        raise PreviewError(f"cannot read {out_dir}/report.json: {e}", "Decompose the shot again") from None
+    source = str(clip["source"])
+    a, _b = clip["frame_range"]
+    size = (int(clip["source_size"][0]), int(clip["source_size"][1]))
+    names = list(clip.get("frame_names") or [])
+    if os.path.isfile(source):
+        # a movie: image users count movie frames from 1
+        return Plate(source, True, int(a), size)
+    if not names:
+        raise PreviewError(f"report.json of {out_dir} does not list the source's frame files",
+                           "Decompose the shot again")
+    m = _LAST_NUMBER.search(names[0])
+    if m is None:
+        raise PreviewError(f"the source frame {names[0]!r} has no frame number",
+                           "The preview reads numbered image sequences (frame_0001.png, ...)")
+    n0, width = int(m.group(1)), len(m.group(1))
+    for f, name in enumerate(names):
+        want = names[0][:m.start(1)] + str(n0 + f).zfill(width) + names[0][m.end(1):]
+        if name != want:
+            raise PreviewError(f"the source frames are not numbered one after another ({name!r} where "
+                               f"{want!r} was expected)", "Render the strip to a numbered image sequence first")
+    if os.path.isdir(os.path.join(source, "video_frames")):  # a seed-layout clip folder
+        source = os.path.join(source, "video_frames")
+    first = os.path.join(source, names[0])
+    if not os.path.isfile(first):
+        raise PreviewError(f"the source frame {first} is missing", "Relink or restore the source frames")
+    return Plate(first, False, n0 - 1, size)
+
+
+# ------------------------------------------------------------ node building
+class _Graph:
+    """Terse shader-node building: numbers become constants, sockets get linked."""
+
+    def __init__(self, nt: bpy.types.NodeTree) -> None:
+        self.nt = nt
+        self.x = 0
+
+    def node(self, kind: str, **props: Any) -> Any:
+        n = self.nt.nodes.new(kind)
+        for k, v in props.items():
+            setattr(n, k, v)
+        n.location = (self.x, 0)
+        self.x += 5
+        return n
+
+    def _set(self, sock: Socket, v: Value) -> None:
+        if isinstance(v, (int, float)):
+            if sock.type == "VECTOR":
+                sock.default_value = (float(v),) * 3
+            else:
+                sock.default_value = float(v)
+        elif isinstance(v, tuple):
+            sock.default_value = v
+        else:
+            self.nt.links.new(v, sock)
+
+    def math(self, op: str, a: Value, b: Value = 0.0) -> Socket:
+        n = self.node("ShaderNodeMath", operation=op)
+        self._set(n.inputs[0], a)
+        self._set(n.inputs[1], b)
+        return n.outputs[0]
+
+    def vec(self, op: str, a: Value, b: Value = 0.0, c: Value = 0.0) -> Socket:
+        """Vector math; SCALE takes its scalar as ``b``."""
+        n = self.node("ShaderNodeVectorMath", operation=op)
+        self._set(n.inputs[0], a)
+        if op == "SCALE":
+            self._set(n.inputs["Scale"], b)
+        else:
+            self._set(n.inputs[1], b)
+            if op == "MULTIPLY_ADD":
+                self._set(n.inputs[2], c)
+        return n.outputs[0]
+
+    def tex(self, image: bpy.types.Image, vector: Socket, interpolation: str = "Closest",
+            frames: Optional[tuple[int, int, int]] = None) -> Any:
+        n = self.node("ShaderNodeTexImage", image=image, interpolation=interpolation, extension="EXTEND")
+        if frames is not None:  # (first scene frame, frame count, offset)
+            iu = n.image_user
+            iu.frame_start, iu.frame_duration, iu.frame_offset = frames
+            iu.use_auto_refresh = True
+            iu.use_cyclic = False
+        self.nt.links.new(vector, n.inputs["Vector"])
+        return n
+
+    def split(self, v: Socket) -> tuple[Socket, Socket, Socket]:
+        n = self.node("ShaderNodeSeparateXYZ")
+        self.nt.links.new(v, n.inputs[0])
+        return n.outputs[0], n.outputs[1], n.outputs[2]
+
+    def encode(self, linear: Socket) -> Socket:
+        """The sRGB encoding of a linear colour: min(12.92 x, 1.055 x^(1/2.4) - 0.055), x >= 0
+        (the two branches of the sRGB curve meet at 0.0031308 and the smaller one is the curve)."""
+        x = self.vec("MAXIMUM", linear, 0.0)
+        hi = self.vec("MULTIPLY_ADD", self.vec("POWER", x, 1.0 / 2.4), 1.055, -0.055)
+        return self.vec("MINIMUM", self.vec("SCALE", x, 12.92), hi)
+
+    def decode(self, encoded: Socket) -> Socket:
+        """The linear value of an sRGB-encoded colour in [0, 1] (the exact two-branch curve)."""
+        lo = self.vec("SCALE", encoded, 1.0 / 12.92)
+        hi = self.vec("POWER", self.vec("MULTIPLY_ADD", encoded, 1.0 / 1.055, 0.055 / 1.055), 2.4)
+        w = self.vec("MULTIPLY_ADD", self.vec("SIGN", self.vec("SUBTRACT", encoded, 0.04045)), 0.5, 0.5)
+        return self.vec("ADD", lo, self.vec("MULTIPLY", w, self.vec("SUBTRACT", hi, lo)))
+
+
+def _layer_delta(g: _Graph, pixel_uv: Socket, m: MapLayer, atlas: bpy.types.Image, edit: bpy.types.Image,
+                 stmap: bpy.types.Image, residual: bpy.types.Image, frames: tuple[int, int, int],
+                 opacity: Socket) -> Socket:
+    """o * alpha * R * D(uv) for one layer, D = sum_k w_k a_k (rgb_k - T_k) over 4 taps."""
+    st = g.tex(stmap, pixel_uv, frames=frames)
+    res = g.tex(residual, pixel_uv, frames=frames)
+    S_ = float(m.atlas_size)
+    # continuous texel position (col, row from the bottom): s*S - 0.5, t*S - 0.5
+    p = g.vec("MULTIPLY_ADD", st.outputs["Color"], (S_, S_, 0.0), (-0.5, -0.5, 0.0))
+    p0 = g.vec("FLOOR", p)
+    fx, fy, _ = g.split(g.vec("SUBTRACT", p, p0))
+    gx, gy = g.math("SUBTRACT", 1.0, fx), g.math("SUBTRACT", 1.0, fy)
+    taps = (((0.0, 0.0, 0.0), gx, gy), ((1.0, 0.0, 0.0), fx, gy), ((0.0, 1.0, 0.0), gx, fy),
+            ((1.0, 1.0, 0.0), fx, fy))
+    total: Optional[Socket] = None
+    for off, wx, wy in taps:
+        q = g.vec("MAXIMUM", g.vec("MINIMUM", g.vec("ADD", p0, off), S_ - 1.0), 0.0)  # border padding
+        uv = g.vec("MULTIPLY_ADD", q, 1.0 / S_, 0.5 / S_)  # the texel's centre
+        e = g.tex(edit, uv)
+        t = g.tex(atlas, uv)
+        diff = g.vec("SUBTRACT", g.encode(e.outputs["Color"]), t.outputs["Color"])
+        d = g.vec("SCALE", diff, g.math("MULTIPLY", e.outputs["Alpha"], g.math("MULTIPLY", wx, wy)))
+        total = d if total is None else g.vec("ADD", total, d)
+    gain = g.math("MULTIPLY", st.outputs["Alpha"], opacity)
+    return g.vec("SCALE", g.vec("MULTIPLY", total, res.outputs["Color"]), gain)
+
+
+# ------------------------------------------------------------------ building
+def _tag(idb: bpy.types.ID, shot: str) -> None:
+    idb[KEY] = shot
+
+
+def _load_sequence(path: str, shot: str, name: str, n_frames: int, movie: bool = False) -> bpy.types.Image:
+    img = bpy.data.images.load(bpy.path.abspath(path), check_existing=False)
+    img.name = name
+    img.source = "MOVIE" if movie else ("SEQUENCE" if n_frames > 1 else "FILE")
+    img.colorspace_settings.name = "Non-Color"  # raw encoded values, never colour-converted
+    img.alpha_mode = "CHANNEL_PACKED"  # alpha is data (the layer's alpha), not coverage
+    if img.is_float:
+        img.use_half_precision = False  # an STMap needs float32 (a half steps 1.6 texels of 3,200)
+    _tag(img, shot)
+    return img
+
+
+def _bake_opacity(nt: bpy.types.NodeTree, node: Any, values: Sequence[float], t0: int, shot: str,
+                  label: str) -> None:
+    """Per-frame values as CONSTANT keyframes on ``node``'s output (one per frame)."""
+    sock = node.outputs[0]
+    path = sock.path_from_id("default_value")
+    ad = nt.animation_data
+    if ad is not None and ad.action is not None:
+        old = ad.action
+        ad.action = None
+        if old.get(KEY) == shot and old.users == 0:
+            bpy.data.actions.remove(old)
+    if L.is_full(values):
+        sock.default_value = 1.0
+        return
+    sock.default_value = float(values[0])
+    ad = nt.animation_data or nt.animation_data_create()
+    action = bpy.data.actions.new(f"NA {label} preview opacity")
+    _tag(action, shot)
+    ad.action = action
+    fc = action.fcurve_ensure_for_datablock(nt, path) if hasattr(action, "fcurve_ensure_for_datablock") \
+        else action.fcurves.new(path)  # Blender < 4.4
+    n = len(values)
+    fc.keyframe_points.add(n)
+    co = [0.0] * (2 * n)
+    co[0::2] = [float(t0 + f) for f in range(n)]
+    co[1::2] = [float(v) for v in values]
+    fc.keyframe_points.foreach_set("co", co)
+    fc.keyframe_points.foreach_set("interpolation", [0] * n)  # CONSTANT
+    fc.update()
+
+
+def _material(name: str, shot: str, maps: Maps, plate: Plate, plate_img: bpy.types.Image,
+              layers: Sequence[tuple[MapLayer, bpy.types.Image, bpy.types.Image, bpy.types.Image,
+                                     bpy.types.Image]], t0: int,
+              opacity: dict[int, list[float]]) -> bpy.types.Material:
+    mat = bpy.data.materials.new(name)
+    _tag(mat, shot)
+    if not mat.node_tree:  # Blender < 5.0
+        mat.use_nodes = True
+    nt = mat.node_tree
+    assert nt is not None
+    nt.nodes.clear()
+    g = _Graph(nt)
+    uv = g.node("ShaderNodeUVMap", uv_map="UVMap").outputs["UV"]
+    F = maps.frames
+    exact = (plate.size == (maps.width, maps.height))
+    plate_tex = g.tex(plate_img, uv, "Closest" if exact else "Linear",
+                      frames=(t0, F, plate.offset) if (F > 1 or plate.movie) else None)
+    out: Socket = plate_tex.outputs["Color"]
+    for m, atlas, edit, stmap, residual in layers:
+        val = g.node("ShaderNodeValue", label=f"opacity {m.index}", name=f"opacity {m.index}")
+        _bake_opacity(nt, val, opacity.get(m.index, [1.0] * F), t0, shot, f"{name} {m.index}")
+        out = g.vec("ADD", out, _layer_delta(g, uv, m, atlas, edit, stmap, residual, (t0, F, -1),
+                                              val.outputs[0]))
+    out = g.vec("MAXIMUM", g.vec("MINIMUM", out, 1.0), 0.0)
+    emit = g.node("ShaderNodeEmission")
+    nt.links.new(g.decode(out), emit.inputs["Color"])
+    res = g.node("ShaderNodeOutputMaterial")
+    nt.links.new(emit.outputs[0], res.inputs["Surface"])
+    return mat
+
+
+def _scene(name: str, shot: str, maps: Maps, t0: int, mat: bpy.types.Material) -> bpy.types.Scene:
+    W, H = maps.width, maps.height
+    sc = bpy.data.scenes.new(name)
+    _tag(sc, shot)
+    sc.frame_start, sc.frame_end = t0, t0 + maps.frames - 1
+    r = sc.render
+    r.engine = "CYCLES"
+    r.resolution_x, r.resolution_y, r.resolution_percentage = W, H, 100
+    r.film_transparent = False
+    r.use_persistent_data = True  # keep the scene between frames: only images change
+    try:
+        r.sequencer_gl_preview = "RENDERED"
+    except (AttributeError, TypeError):
+        pass
+    c = sc.cycles  # type: ignore[attr-defined]
+    c.samples, c.preview_samples = 1, 1
+    c.use_adaptive_sampling = False
+    c.use_denoising = c.use_preview_denoising = False
+    c.pixel_filter_type, c.filter_width = "BOX", 0.01  # each pixel samples its centre
+    c.max_bounces = 0
+    sc.view_settings.view_transform = "Standard"
+    sc.world = None
+    cam_data = bpy.data.cameras.new(name)
+    _tag(cam_data, shot)
+    cam_data.type = "ORTHO"
+    cam_data.ortho_scale = float(max(W, H))
+    cam = bpy.data.objects.new(name + " camera", cam_data)
+    _tag(cam, shot)
+    cam.location = (W / 2.0, H / 2.0, 1.0)
+    sc.collection.objects.link(cam)
+    sc.camera = cam
+    me = bpy.data.meshes.new(name)
+    _tag(me, shot)
+    me.from_pydata([(0.0, 0.0, 0.0), (W, 0.0, 0.0), (W, H, 0.0), (0.0, H, 0.0)], [], [(0, 1, 2, 3)])
+    uvl = me.uv_layers.new(name="UVMap")
+    uvl.data.foreach_set("uv", [0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    me.update()
+    me.materials.append(mat)
+    plane = bpy.data.objects.new(name + " plane", me)
+    _tag(plane, shot)
+    sc.collection.objects.link(plane)
+    return sc
+
+
+# --------------------------------------------------------------------- API
+def preview_strip(scene: bpy.types.Scene, shot: str) -> Optional[bpy.types.Strip]:
+    for s in vse.all_strips(scene):
+        if s.get(KEY) == shot:
+            return s
+    return None
+
+
+def is_on(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
+    return preview_strip(scene, job.shot) is not None
+
+
+def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False) -> bpy.types.Strip:
+    """Build the preview of ``job``'s shot and put it in the VSE above the source (replacing
+    an earlier preview of the shot). Everything is checked before anything is created."""
+    if job.kind != "decompose" or job.state != "done" or not job.out_dir:
+        raise PreviewError(f"{job.label}: the decomposition is {job.state}", "Wait until it is done")
+    maps = read_maps(job.out_dir, prefer_source)
+    plate = plate_of(job.out_dir)
+    n = int(job.range_stop - job.range_start)
+    if maps.frames != n:
+        raise PreviewError(f"the maps have {maps.frames} frames, the shot {n}",
+                           MAPS_HINT.format(out=job.out_dir))
+    atlases = {int(i[images.KEY_LAYER]): i for i in images.job_images(job.shot, "atlas")}
+    edits = {int(i[images.KEY_LAYER]): i for i in images.job_images(job.shot, "edit")}
+    for m in maps.layers:
+        if m.index not in atlases or m.index not in edits:
+            raise PreviewError(f"layer {m.index} has no atlas or edit image in this file", "Use Load Atlases first")
+        for img in (atlases[m.index], edits[m.index]):
+            if tuple(img.size) != (m.atlas_size, m.atlas_size):
+                raise PreviewError(f"'{img.name}' is {img.size[0]}x{img.size[1]}, the layer's atlas "
+                                   f"{m.atlas_size}x{m.atlas_size}", "Use Load Atlases to bring it to the atlas size")
+    opacity = per_frame(scene, job)  # LifetimeError: bad range/fades, before anything is made
+    disable(scene, job)
+    t0 = first_frame(job)
+    name = f"NA {job.label} preview"
+    made: list[bpy.types.ID] = []
+    try:
+        plate_img = _load_sequence(plate.path, job.shot, f"{name} plate", n, plate.movie)
+        made.append(plate_img)
+        layers = []
+        for m in maps.layers:
+            # the atlas's own copy, raw: Blender would premultiply the artist's atlas image by
+            # its alpha (seen), losing T where it is 0, which bilinear taps at the border read
+            at = _load_sequence(atlases[m.index].filepath, job.shot, f"{name} atlas {m.index}", 1)
+            st = _load_sequence(m.stmap, job.shot, f"{name} stmap {m.index}", n)
+            rs = _load_sequence(m.residual, job.shot, f"{name} residual {m.index}", n)
+            made += [at, st, rs]
+            layers.append((m, at, edits[m.index], st, rs))
+        mat = _material(name, job.shot, maps, plate, plate_img, layers, t0, opacity)
+        sc = _scene(name, job.shot, maps, t0, mat)
+        strip = _place(scene, sc, job, t0, n)
+    except BaseException:
+        _remove_tagged(job.shot)
+        raise
+    return strip
+
+
+def _place(scene: bpy.types.Scene, sc: bpy.types.Scene, job: NA_JobItem, t0: int, n: int) -> bpy.types.Strip:
+    ed = vse.ensure_editor(scene)
+    occ = vse.occupied(scene)
+    top = max([c for c, s, e in occ if s < t0 + n and e > t0] + [int(job.src_channel)])
+    channel = S.free_channel(occ, t0, t0 + n, above=top)
+    with vse._CacheOff(ed):
+        strip = vse.top_level(ed).new_scene(name=sc.name, scene=sc, channel=channel, frame_start=t0)
+        strip.frame_final_duration = n
+    strip[KEY] = job.shot
+    strip.blend_type = "REPLACE"
+    W, H = sc.render.resolution_x, sc.render.resolution_y
+    rx, ry = scene.render.resolution_x, scene.render.resolution_y
+    if (W, H) != (rx, ry):  # show it over the source at the output size
+        k = min(rx / W, ry / H)
+        strip.transform.scale_x = strip.transform.scale_y = k
+    return strip
+
+
+def _remove_tagged(shot: str) -> None:
+    for coll_name in _DATA:
+        coll = getattr(bpy.data, coll_name)
+        for idb in [d for d in coll if d.get(KEY) == shot]:
+            coll.remove(idb)
+
+
+def disable(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
+    """Remove the shot's preview strip and everything the preview made; True if there was one."""
+    found = False
+    for sc in bpy.data.scenes:
+        for s in [s for s in vse.all_strips(sc) if s.get(KEY) == job.shot]:
+            ed = sc.sequence_editor
+            with vse._CacheOff(ed):
+                vse.top_level(ed).remove(s)
+            found = True
+    before = sum(1 for c in _DATA for d in getattr(bpy.data, c) if d.get(KEY) == job.shot)
+    _remove_tagged(job.shot)
+    return found or before > 0
+
+
+def refresh_opacity(scene: bpy.types.Scene, job: NA_JobItem) -> None:
+    """Re-bake the per-frame opacity after the lifetime (range, fades, keyframes) changed."""
+    opacity = per_frame(scene, job)
+    t0 = first_frame(job)
+    for mat in bpy.data.materials:
+        if mat.get(KEY) != job.shot or mat.node_tree is None:
+            continue
+        for node in mat.node_tree.nodes:
+            if node.bl_idname == "ShaderNodeValue" and node.name.startswith("opacity "):
+                i = int(node.name.split()[-1])
+                _bake_opacity(mat.node_tree, node, opacity.get(i, [1.0] * (job.range_stop - job.range_start)),
+                              t0, job.shot, f"{mat.name} {i}")
+    touch(scene, job.shot)
+
+
+def touch(scene: bpy.types.Scene, shot: Optional[str] = None) -> int:
+    """Drop cached preview frames so the VSE draws new paint; returns the strips touched."""
+    n = 0
+    for s in vse.all_strips(scene):
+        if s.get(KEY) and (shot is None or s.get(KEY) == shot):
+            try:
+                s.invalidate_cache("COMPOSITE")  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+            n += 1
+    return n
+
+
+def tagged(shot: str) -> Iterable[bpy.types.ID]:
+    for c in _DATA:
+        for d in getattr(bpy.data, c):
+            if d.get(KEY) == shot:
+                yield d
