@@ -38,14 +38,29 @@ def _fcurve(owner: bpy.types.ID, data_path: str) -> Optional[bpy.types.FCurve]:
 
 
 def layer_path(shot: str, layer: int) -> str:
-    """Data path (from the scene) of a layer's edit record."""
+    """Data path (from the scene) of a layer's edit record, by name."""
     return f'neural_atlas.shots["{shot}"].layers["{layer}"]'
+
+
+def _paths(scene: bpy.types.Scene, shot: str, layer: int) -> list[str]:
+    """The record's opacity path by name and by index (how Blender stores a keyframe
+    inserted from the UI or ``keyframe_insert``)."""
+    paths = [layer_path(shot, layer) + ".opacity"]
+    shots = settings(scene).shots
+    k = shots.find(shot)
+    if k >= 0:
+        j = shots[k].layers.find(str(layer))
+        if j >= 0:
+            paths.append(f"neural_atlas.shots[{k}].layers[{j}].opacity")
+    return paths
 
 
 def sample_opacity(scene: bpy.types.Scene, shot: str, layer: int, rec: NA_EditLayer,
                    first_frame: int, n_frames: int) -> list[float]:
     """The layer's opacity at timeline frames ``first_frame .. first_frame + n_frames - 1``."""
-    fc = _fcurve(scene, layer_path(shot, layer) + ".opacity")
+    fc = None
+    for path in _paths(scene, shot, layer):
+        fc = fc or _fcurve(scene, path)
     if fc is None:
         return [float(rec.opacity)] * n_frames
     return [float(fc.evaluate(first_frame + f)) for f in range(n_frames)]

@@ -278,35 +278,43 @@ def _load_sequence(path: str, shot: str, name: str, n_frames: int, movie: bool =
     return img
 
 
-def _bake_opacity(nt: bpy.types.NodeTree, node: Any, values: Sequence[float], t0: int, shot: str,
+def _bake_opacity(nt: bpy.types.NodeTree, per_layer: dict[int, Any], t0: int, shot: str,
                   label: str) -> None:
-    """Per-frame values as CONSTANT keyframes on ``node``'s output (one per frame)."""
-    sock = node.outputs[0]
-    path = sock.path_from_id("default_value")
+    """Per-frame opacities as CONSTANT keyframes (one per frame) on the ``opacity <i>`` Value
+    nodes of ``nt``: one action for the node tree; layers at full strength get no curve."""
     ad = nt.animation_data
     if ad is not None and ad.action is not None:
         old = ad.action
         ad.action = None
         if old.get(KEY) == shot and old.users == 0:
             bpy.data.actions.remove(old)
-    if L.is_full(values):
-        sock.default_value = 1.0
-        return
-    sock.default_value = float(values[0])
-    ad = nt.animation_data or nt.animation_data_create()
-    action = bpy.data.actions.new(f"NA {label} preview opacity")
-    _tag(action, shot)
-    ad.action = action
-    fc = action.fcurve_ensure_for_datablock(nt, path) if hasattr(action, "fcurve_ensure_for_datablock") \
-        else action.fcurves.new(path)  # Blender < 4.4
-    n = len(values)
-    fc.keyframe_points.add(n)
-    co = [0.0] * (2 * n)
-    co[0::2] = [float(t0 + f) for f in range(n)]
-    co[1::2] = [float(v) for v in values]
-    fc.keyframe_points.foreach_set("co", co)
-    fc.keyframe_points.foreach_set("interpolation", [0] * n)  # CONSTANT
-    fc.update()
+    action = None
+    for i, (node, values) in sorted(per_layer.items()):
+        sock = node.outputs[0]
+        sock.default_value = float(values[0])
+        if L.is_full(values):
+            continue
+        if action is None:
+            ad = nt.animation_data or nt.animation_data_create()
+            action = bpy.data.actions.new(f"NA {label} preview opacity")
+            _tag(action, shot)
+            ad.action = action
+        path = sock.path_from_id("default_value")
+        fc = action.fcurve_ensure_for_datablock(nt, path) if hasattr(action, "fcurve_ensure_for_datablock") \
+            else action.fcurves.new(path)  # Blender < 4.4
+        n = len(values)
+        fc.keyframe_points.add(n)
+        co = [0.0] * (2 * n)
+        co[0::2] = [float(t0 + f) for f in range(n)]
+        co[1::2] = [float(v) for v in values]
+        fc.keyframe_points.foreach_set("co", co)
+        fc.keyframe_points.foreach_set("interpolation", [0] * n)  # CONSTANT
+        fc.update()
+
+
+def _opacity_nodes(nt: bpy.types.NodeTree) -> dict[int, Any]:
+    return {int(n.name.split()[-1]): n for n in nt.nodes
+            if n.bl_idname == "ShaderNodeValue" and n.name.startswith("opacity ")}
 
 
 def _material(name: str, shot: str, maps: Maps, plate: Plate, plate_img: bpy.types.Image,
@@ -329,9 +337,10 @@ def _material(name: str, shot: str, maps: Maps, plate: Plate, plate_img: bpy.typ
     out: Socket = plate_tex.outputs["Color"]
     for m, atlas, edit, stmap, residual in layers:
         val = g.node("ShaderNodeValue", label=f"opacity {m.index}", name=f"opacity {m.index}")
-        _bake_opacity(nt, val, opacity.get(m.index, [1.0] * F), t0, shot, f"{name} {m.index}")
         out = g.vec("ADD", out, _layer_delta(g, uv, m, atlas, edit, stmap, residual, (t0, F, -1),
                                               val.outputs[0]))
+    _bake_opacity(nt, {i: (node, opacity.get(i, [1.0] * F)) for i, node in _opacity_nodes(nt).items()},
+                  t0, shot, name)
     out = g.vec("MAXIMUM", g.vec("MINIMUM", out, 1.0), 0.0)
     emit = g.node("ShaderNodeEmission")
     nt.links.new(g.decode(out), emit.inputs["Color"])
@@ -484,15 +493,12 @@ def disable(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
 def refresh_opacity(scene: bpy.types.Scene, job: NA_JobItem) -> None:
     """Re-bake the per-frame opacity after the lifetime (range, fades, keyframes) changed."""
     opacity = per_frame(scene, job)
-    t0 = first_frame(job)
+    n = int(job.range_stop - job.range_start)
     for mat in bpy.data.materials:
-        if mat.get(KEY) != job.shot or mat.node_tree is None:
-            continue
-        for node in mat.node_tree.nodes:
-            if node.bl_idname == "ShaderNodeValue" and node.name.startswith("opacity "):
-                i = int(node.name.split()[-1])
-                _bake_opacity(mat.node_tree, node, opacity.get(i, [1.0] * (job.range_stop - job.range_start)),
-                              t0, job.shot, f"{mat.name} {i}")
+        if mat.get(KEY) == job.shot and mat.node_tree is not None:
+            nodes = _opacity_nodes(mat.node_tree)
+            _bake_opacity(mat.node_tree, {i: (node, opacity.get(i, [1.0] * n)) for i, node in nodes.items()},
+                          first_frame(job), job.shot, mat.name)
     touch(scene, job.shot)
 
 
