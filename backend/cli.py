@@ -138,13 +138,33 @@ def cmd_edit(args) -> int:
             raise NeuralAtlasError(f"--layer index must be an integer, got {k!r}") from None
     info = render_edit(args.dir, edits, mode=args.mode, frame_range=_frames(args.frames), out=args.out,
                        formats=tuple(args.format.split(",")), resolution=args.resolution,
-                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(), device=args.device)
+                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(), device=args.device,
+                       opacity=_opacity_file(args.opacity))
     print(json.dumps(info))
     return EXIT_OK
 
 
+def _opacity_file(path: Optional[Path]):
+    """``edit --opacity FILE``: {"<layer>": [o_0, ...]} or {"<layer>": {"<frame>": o}} (docs/atlas.md)."""
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise NeuralAtlasError(f"cannot read the opacity file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise NeuralAtlasError(f"the opacity file {path} is not JSON: {e}") from None
+
+
 def cmd_render(args) -> int:
-    from .pipeline import rerender
+    from .pipeline import rerender, write_maps
+    if args.maps:  # only the EXR maps (docs/atlas.md, "STMaps")
+        folder = write_maps(args.dir, resolution=args.resolution or "working",
+                            progress=ConsoleProgress(args.quiet), device=args.device)
+        print(json.dumps({"out": str(args.dir), "maps": str(folder)}))
+        return EXIT_OK
+    if args.resolution:
+        raise NeuralAtlasError("--resolution goes with --maps (the resolution of the EXR maps to write)")
     out = rerender(args.dir, progress=ConsoleProgress(args.quiet), device=args.device,
                    bake=True if args.bake else None)
     rep = json.loads((out / "report.json").read_text())
@@ -219,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (frames/ and edited.mp4)")
     p.add_argument("--format", default="png,mp4", help="png, mp4 or png,mp4")
     p.add_argument("--resolution", choices=("working", "source"), default="working")
+    p.add_argument("--opacity", type=Path, metavar="OPACITY.json",
+                   help='per-frame opacity of edit layers: {"0": [o_0, ..., o_F-1]} or {"0": {"12": 0.5}}')
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
@@ -228,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--bake", action="store_true",
                    help="write the per-frame maps edits need, even if the decomposition was made without")
+    p.add_argument("--maps", action="store_true",
+                   help="write only the STMap/residual EXR sequences (maps/ or maps_source/)")
+    p.add_argument("--resolution", choices=("working", "source"),
+                   help="with --maps: working (maps/, default) or source (maps_source/) resolution")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_render)
 
