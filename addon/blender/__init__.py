@@ -7,7 +7,7 @@ import atexit
 
 import bpy
 
-from . import lifetime, masks, operators, paint, panels, prefs, preview, props, runtime  # noqa: F401
+from . import frame_paint, lifetime, masks, operators, paint, panels, prefs, preview, props, runtime  # noqa: F401
 
 _CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES)
 
@@ -43,13 +43,16 @@ def register() -> None:
         bpy.app.handlers.save_pre.append(_save_edits_pre)
     if _load_post not in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.append(_load_post)
+    if preview.on_depsgraph_update not in bpy.app.handlers.depsgraph_update_post:
+        bpy.app.handlers.depsgraph_update_post.append(preview.on_depsgraph_update)
     atexit.register(runtime.shutdown)
 
 
 def unregister() -> None:
     runtime.reset()  # stops the timer, closes the socket, stops a local backend
     atexit.unregister(runtime.shutdown)
-    for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post)):
+    for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post),
+                    (bpy.app.handlers.depsgraph_update_post, preview.on_depsgraph_update)):
         if fn in lst:
             lst.remove(fn)
     props.unregister()

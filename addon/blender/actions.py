@@ -145,6 +145,13 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     edits = edit_images(job)
     if not edits:
         raise ActionError("this job has no edit images", "Use Load Atlases first")
+    from ..core import lifetime as L
+    from .lifetime import per_frame
+
+    try:  # the edit lifetime (range, fades, keyframed opacity): the numbers the preview bakes too
+        lifetimes = per_frame(scene, job)
+    except L.LifetimeError as e:
+        raise ActionError(f"{job.label}: {e}", "Fix the edit's frame range or fades") from None
     saved = images.save_dirty(edits)
     # only layers with paint (alpha > 0) are sent; an all-transparent edit changes nothing
     painted = [img for img in edits if float(images.to_array(img)[..., 3].max()) > 0.0] or edits[:1]
@@ -157,7 +164,8 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     # copy what the render record needs first: adding to the collection may move `job`
     keep = {k: getattr(job, k) for k in ("job_id", "label", "strip_name", "source", "range_start",
                                          "range_stop", "src_channel", "src_frame_start", "shot")}
-    token = s.render(keep["job_id"], paths, formats=formats, name=f"{keep['label']} edit")
+    opacity = L.render_field({k: v for k, v in lifetimes.items() if k in paths})
+    token = s.render(keep["job_id"], paths, formats=formats, name=f"{keep['label']} edit", opacity=opacity)
     st = settings(scene)
     r = st.jobs.add()
     r.token, r.kind, r.state, r.parent = token, "render", "submitting", keep.pop("job_id")
@@ -278,6 +286,9 @@ def load_results(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) -
                            edit_path(job.shot, layer))
         loaded.append(a)
     job.n_layers = len(loaded)
+    from .lifetime import ensure_records
+
+    ensure_records(scene, job)  # per-layer edit lifetimes (whole shot, opacity 1 to begin with)
     job.atlases_loaded = True
     runtime.note(f"{job.label}: {len(loaded)} atlases loaded; paint on the edit images")
     return loaded

@@ -19,7 +19,7 @@ from ..core import lifetime as L
 from .props import NA_EditLayer, NA_JobItem, shot_edits, settings
 
 
-def _fcurve(owner: bpy.types.ID, data_path: str) -> Optional[bpy.types.FCurve]:
+def _fcurve(owner: bpy.types.Scene, data_path: str) -> Optional[bpy.types.FCurve]:
     ad = owner.animation_data
     action = ad.action if ad is not None else None
     if action is None:

@@ -14,7 +14,8 @@ from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 from ..core import jobs as J
 from ..core import strips as S
-from . import actions, images, launcher, paint, runtime, vse
+from ..core import lifetime as L
+from . import actions, frame_paint, images, launcher, paint, preview, runtime, vse
 from .props import NA_JobItem, find_job, settings
 
 
@@ -303,6 +304,110 @@ class NA_OT_render_edit(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def _decomposition(context: bpy.types.Context, job_id: str) -> Optional[NA_JobItem]:
+    """The decomposition a button acts on (a render job's parent stands for it)."""
+    job = _job(context, job_id)
+    if job is not None and job.kind == "render":
+        job = find_job(vse.sequencer_scene(context), job.parent)
+    return job
+
+
+class NA_OT_preview(bpy.types.Operator):
+    """Live preview of the edited shot in the VSE, computed by Blender from the maps (no backend):
+    a scene strip above the source that shows paint as you make it. Off removes it completely"""
+
+    bl_idname = "neural_atlas.preview"
+    bl_label = "Live Preview"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    action: StringProperty(default="TOGGLE", options={"SKIP_SAVE"})  # type: ignore[valid-type]  # ON OFF TOGGLE REFRESH
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        on = preview.is_on(scene, job)
+        try:
+            if self.action == "REFRESH":
+                if on:
+                    preview.refresh_opacity(scene, job)
+            elif self.action == "OFF" or (self.action == "TOGGLE" and on):
+                preview.disable(scene, job)
+            else:
+                strip = preview.enable(scene, job)
+                self.report({"INFO"}, f"Preview of {job.label} on channel {strip.channel}")
+        except preview.PreviewError as e:
+            return _fail(self, e.message, e.hint)
+        except L.LifetimeError as e:
+            return _fail(self, str(e), "Fix the edit's frame range or fades")
+        return {"FINISHED"}
+
+
+class NA_OT_frame_paint(bpy.types.Operator):
+    """Paint on the current frame as seen: Texture Paint on a mesh of this frame whose UVs are the
+    atlas coordinates, so every stroke lands in the layer's edit image (and shows on all frames)"""
+
+    bl_idname = "neural_atlas.frame_paint"
+    bl_label = "Paint on Frame"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    frame: IntProperty(default=-1, options={"SKIP_SAVE"},  # type: ignore[valid-type]
+                       description="Timeline frame to paint on (-1: the current frame)")
+    layer: IntProperty(default=-2, min=-2, options={"SKIP_SAVE"},  # type: ignore[valid-type]
+                       description="Layer to paint into (-1: the owner of each pixel; -2: the shot's setting)")
+    step: IntProperty(name="Mesh step", default=1, min=1, max=16,  # type: ignore[valid-type]
+                      description="One mesh vertex every this many pixels (1: every pixel)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        frame = scene.frame_current if self.frame < 0 else self.frame
+        layer = self.layer
+        if layer == -2:
+            rec = settings(scene).shots.get(job.shot)
+            layer = int(rec.paint_layer) if rec is not None else -1
+        active = context.active_object
+        if active is not None and active.get(frame_paint.KEY) and active.mode != "OBJECT" \
+                and not bpy.app.background:
+            bpy.ops.object.mode_set(mode="OBJECT")  # the old frame's mesh is about to go
+        try:
+            ob = frame_paint.setup(scene, job, frame, layer, self.step)
+        except frame_paint.FramePaintError as e:
+            return _fail(self, e.message, e.hint)
+        except preview.PreviewError as e:
+            return _fail(self, e.message, e.hint)
+        frame_paint.enter_paint_mode(context, context.scene or scene, ob)
+        rec = settings(scene).shots.get(job.shot)
+        if rec is not None:
+            rec.paint_frame = frame
+        self.report({"INFO"}, f"Painting on frame {frame} of {job.label}: strokes go into the edit images")
+        return {"FINISHED"}
+
+
+class NA_OT_frame_paint_end(bpy.types.Operator):
+    """Stop painting on the frame: save the edit images and remove the frame's painting mesh"""
+
+    bl_idname = "neural_atlas.frame_paint_end"
+    bl_label = "Done Painting"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _decomposition(context, self.job_id)
+        if job is None:
+            return _fail(self, "no decomposition selected")
+        ob = context.active_object
+        if ob is not None and ob.get(frame_paint.KEY) == job.shot and ob.mode != "OBJECT" \
+                and not bpy.app.background:
+            bpy.ops.object.mode_set(mode="OBJECT")
+        images.save_dirty([i for i in images.job_images(job.shot, "edit") if i.is_dirty])
+        frame_paint.remove(job.shot)
+        return {"FINISHED"}
+
+
 class NA_OT_open_log(bpy.types.Operator):
     """Open the backend's log file"""
 
@@ -351,4 +456,5 @@ class NA_OT_mask_remove(bpy.types.Operator):
 
 CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_wait,
            NA_OT_cancel, NA_OT_remove_job, NA_OT_load_atlases, NA_OT_paint_setup, NA_OT_save_edits,
-           NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove)
+           NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove, NA_OT_preview,
+           NA_OT_frame_paint, NA_OT_frame_paint_end)

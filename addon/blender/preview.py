@@ -301,7 +301,7 @@ def _bake_opacity(nt: bpy.types.NodeTree, per_layer: dict[int, Any], t0: int, sh
             ad.action = action
         path = sock.path_from_id("default_value")
         fc = action.fcurve_ensure_for_datablock(nt, path) if hasattr(action, "fcurve_ensure_for_datablock") \
-            else action.fcurves.new(path)  # Blender < 4.4
+            else getattr(action, "fcurves").new(path)  # Blender < 4.4
         n = len(values)
         fc.keyframe_points.add(n)
         co = [0.0] * (2 * n)
@@ -448,6 +448,7 @@ def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False)
     except BaseException:
         _remove_tagged(job.shot)
         raise
+    _remember(job, opacity)
     return strip
 
 
@@ -487,12 +488,14 @@ def disable(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
             found = True
     before = sum(1 for c in _DATA for d in getattr(bpy.data, c) if d.get(KEY) == job.shot)
     _remove_tagged(job.shot)
+    _BAKED.pop(job.shot, None)
     return found or before > 0
 
 
 def refresh_opacity(scene: bpy.types.Scene, job: NA_JobItem) -> None:
     """Re-bake the per-frame opacity after the lifetime (range, fades, keyframes) changed."""
     opacity = per_frame(scene, job)
+    _remember(job, opacity)
     n = int(job.range_stop - job.range_start)
     for mat in bpy.data.materials:
         if mat.get(KEY) == job.shot and mat.node_tree is not None:
@@ -520,3 +523,39 @@ def tagged(shot: str) -> Iterable[bpy.types.ID]:
         for d in getattr(bpy.data, c):
             if d.get(KEY) == shot:
                 yield d
+
+
+# ------------------------------------------------------------- live updates
+_BAKED: dict[str, dict[int, list[float]]] = {}  # shot -> the per-frame opacity last baked
+
+
+def _remember(job: NA_JobItem, opacity: dict[int, list[float]]) -> None:
+    _BAKED[job.shot] = {k: list(v) for k, v in opacity.items()}
+
+
+@bpy.app.handlers.persistent
+def on_depsgraph_update(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) -> None:
+    """Keep previews live: paint (an image update) drops the cached preview frames; a changed
+    lifetime (range, fades, keyframes) re-bakes the per-frame opacity. Bounded work: nothing
+    happens unless a preview exists."""
+    from .props import settings
+
+    shots = {s.get(KEY): sc for sc in bpy.data.scenes for s in vse.all_strips(sc) if s.get(KEY)}
+    if not shots:
+        return
+    if depsgraph.id_type_updated("IMAGE"):
+        for sc in set(shots.values()):
+            touch(sc)
+    if not depsgraph.id_type_updated("SCENE"):
+        return
+    for shot, sc in shots.items():
+        job = next((j for j in settings(sc).jobs if j.shot == shot and j.kind == "decompose"
+                    and j.state == "done"), None)
+        if job is None:
+            continue
+        try:
+            now = per_frame(sc, job)
+        except L.LifetimeError:
+            continue  # the panel's Refresh reports it; keep the last good bake
+        if now != _BAKED.get(shot):
+            refresh_opacity(sc, job)

@@ -272,11 +272,15 @@ class Session:
 
     def render(self, job_id: str, edits: Mapping[int, str], *, frame_range: Optional[tuple[int, int]] = None,
                formats: Iterable[str] = ("png",), mode: str = "delta", name: Optional[str] = None,
-               token: Optional[str] = None) -> str:
+               token: Optional[str] = None, opacity: Optional[Mapping[str, list[float]]] = None) -> str:
+        """Queue an edit render; ``opacity`` is the per-frame opacity of edit layers
+        (``core.lifetime.render_field``), left out when None."""
         token = token or new_token()
         body = {"job_id": job_id, "edits": {str(int(k)): v for k, v in edits.items()}, "mode": mode,
                 "frame_range": list(frame_range) if frame_range else None, "formats": list(formats),
                 "token": token, "name": name, "watch": True}
+        if opacity:
+            body["opacity"] = {str(k): [float(x) for x in v] for k, v in opacity.items()}
         self.ensure_client().send("render", body, callback=self._on_submitted, timeout=max(self.timeout, 10.0))
         return token
 
