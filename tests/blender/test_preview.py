@@ -1,0 +1,286 @@
+"""The live preview, frame painting and edit lifetime, with the real bpy 5.0.1 and a real
+backend (CPU, the tiny synthetic clip): one decomposition serves every test (ordered).
+
+* the preview, rendered through the VSE headless (Cycles, one sample), matches the backend's
+  Render Edit of the same edits within 1/255 mean and 3/255 max on several frames;
+* per-frame opacity (a keyframed curve, a frame range with a fade) in both outputs equals the
+  curve; a new stroke shows in the preview without any backend call;
+* preview off leaves the file's datablocks, strips and the rendered VSE frame bit for bit as
+  they were, and nothing of the artist's (edit images, atlases) is modified;
+* a decomposition without maps gets a message saying how to add them and changes nothing;
+* the frame-paint mesh: a frame pixel's face carries its owner layer's material and UVs that
+  land on that layer's texel for the pixel.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import BACKEND_PY, ROOT, TMP, read_png, tiny_overrides, use_local_backend
+
+S: dict = {}
+
+
+@pytest.fixture(scope="module")
+def shot(na, clip):
+    import bpy
+
+    na.blender.runtime.reset()
+    bpy.ops.wm.read_homefile(use_empty=True)
+    use_local_backend(na, os.path.join(TMP, "ws_preview"))
+    scene = bpy.context.scene
+    B = na.blender
+    strip = B.vse.add_source_strip(scene, os.path.join(clip, "video_frames"), channel=1, frame_start=3)
+    scene.sequence_editor.active_strip = strip
+    B.vse.fit_scene_to_strip(scene, strip, (64, 36))
+    st = B.props.settings(scene)
+    st.mask_mode, st.mask_folder = "FOLDER", os.path.join(clip, "masks")
+    r = bpy.ops.neural_atlas.decompose(preset="demo", overrides=tiny_overrides(iterations=30), wait=True,
+                                       timeout=600)
+    assert r == {"FINISHED"}
+    job = [j for j in st.jobs if j.kind == "decompose"][-1]
+    assert job.state == "done" and job.atlases_loaded, (job.error, job.hint)
+    # the VSE output as an artist would compare it: Standard view, no dither noise
+    scene.view_settings.view_transform = "Standard"
+    scene.render.dither_intensity = 0.0
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.image_settings.color_mode = "RGB"
+    yield {"scene": scene, "strip": strip, "job_id": job.job_id, "clip": clip}
+    na.blender.runtime.shutdown()
+
+
+def _job(na, scene, kind="decompose"):
+    return [j for j in na.blender.props.settings(scene).jobs if j.kind == kind][-1]
+
+
+def _render(scene, timeline_frame: int, name: str) -> np.ndarray:
+    import bpy
+
+    scene.frame_set(timeline_frame)
+    scene.render.filepath = os.path.join(TMP, f"{name}.png")
+    bpy.ops.render.render(write_still=True)
+    return read_png(scene.render.filepath)[..., :3]
+
+
+def _datablocks():
+    import bpy
+
+    return {c: sorted(d.name for d in getattr(bpy.data, c)) for c in
+            ("scenes", "objects", "cameras", "meshes", "materials", "images", "actions", "node_groups",
+             "collections", "worlds", "textures")}
+
+
+def _strips(scene):
+    return sorted((s.name, s.channel, s.frame_final_start, s.frame_final_end) for s in
+                  scene.sequence_editor.strips_all)
+
+
+def _plate(clip, f):
+    return read_png(os.path.join(clip, "video_frames", f"{f:05d}.png"))[..., :3]
+
+
+def test_preview_without_maps_says_how_to_add_them_and_changes_nothing(na, shot):
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    maps = os.path.join(job.out_dir, "maps")
+    hidden = maps + ".hidden"
+    os.rename(maps, hidden)
+    try:
+        before, strips = _datablocks(), _strips(scene)
+        with pytest.raises(RuntimeError, match="no EXR maps") as e:
+            bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON")
+        assert f"add them with `python -m backend render {job.out_dir} --maps`" in str(e.value)
+        assert _datablocks() == before and _strips(scene) == strips
+        with pytest.raises(na.blender.frame_paint.FramePaintError, match="no EXR maps"):
+            na.blender.frame_paint.setup(scene, job, scene.frame_current)
+        assert _datablocks() == before
+    finally:
+        os.rename(hidden, maps)
+
+
+def _paint_and_keyframe(na, scene, job):
+    """Marks on both layers' edits; layer 1: an opacity keyframed 0 -> 1 over the shot; layer 0:
+    a frame range (shot frames 2..7) with a 2-frame fade-in."""
+    B = na.blender
+    edits = {int(e[B.images.KEY_LAYER]): e for e in B.images.job_images(job.shot, "edit")}
+    seen = [np.load(os.path.join(job.out_dir, "bake", f"atlas_{i}_seen.npy")) for i in range(2)]
+    for i, rgba in ((0, (0.1, 0.8, 0.3, 0.75)), (1, (0.9, 0.2, 0.5, 1.0))):
+        k = 14
+        cs = np.pad(seen[i], ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        win = cs[k:, k:] - cs[:-k, k:] - cs[k:, :-k] + cs[:-k, :-k]
+        r0, c0 = np.unravel_index(np.argmax(win), win.shape)
+        B.images.paint_rect(edits[i], int(r0), int(c0), k, k, rgba)
+    t0 = B.lifetime.first_frame(job)
+    rec = B.props.settings(scene).shots[job.shot]
+    path = B.lifetime.layer_path(job.shot, 1) + ".opacity"
+    item = rec.layers["1"]
+    item.opacity = 0.0
+    scene.keyframe_insert(path, frame=t0)
+    item.opacity = 1.0
+    scene.keyframe_insert(path, frame=t0 + 7)
+    lay0 = rec.layers["0"]
+    lay0.use_range, lay0.frame_start, lay0.frame_end, lay0.fade_in = True, t0 + 2, t0 + 7, 2
+    return edits
+
+
+def test_preview_matches_render_edit_on_several_frames(na, shot):
+    import bpy
+
+    scene, job, clip = shot["scene"], _job(na, shot["scene"]), shot["clip"]
+    B = na.blender
+    t0 = B.lifetime.first_frame(job)
+    edits = _paint_and_keyframe(na, scene, job)
+    curve = B.lifetime.per_frame(scene, job)
+    assert curve[1][0] == 0.0 and curve[1][7] == 1.0 and 0 < curve[1][3] < 1  # keyframed ramp
+    assert curve[0][:2] == [0.0, 0.0] and curve[0][2] == pytest.approx(1 / 3) and curve[0][4:] == [1.0] * 4
+    # the exact path: Render Edit (saves the edits, sends the sampled opacity, places the result)
+    assert bpy.ops.neural_atlas.render_edit(job_id=job.job_id, wait=True, timeout=300) == {"FINISHED"}
+    rjob = _job(na, scene, "render")
+    assert rjob.state == "done" and rjob.placed, (rjob.error, rjob.hint)
+    rendered = B.vse.find_strip(scene, rjob.render_strip)
+    frames_dir = bpy.path.abspath(rendered.directory)
+    # the live path: Blender computes the same from the maps
+    before, strips = _datablocks(), _strips(scene)
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON") == {"FINISHED"}
+    strip = B.preview.preview_strip(scene, job.shot)
+    assert strip is not None and strip.type == "SCENE" and strip.channel > rendered.channel
+    assert (strip.frame_final_start, strip.frame_final_end) == (shot["strip"].frame_final_start,
+                                                                shot["strip"].frame_final_end)
+    edited_pixels = 0
+    for f in range(8):
+        got = _render(scene, t0 + f, f"preview_{f}")
+        ref = read_png(os.path.join(frames_dir, f"{f:05d}.png"))[..., :3]
+        d = np.abs(got - ref) * 255
+        assert d.mean() <= 1.0 and d.max() <= 3.0, (f, d.mean(), d.max())
+        edited_pixels += int((np.abs(ref - _plate(clip, f)).max(-1) > 8 / 255).sum())
+        S.setdefault("preview", {})[f] = got
+        S.setdefault("render", {})[f] = ref
+    assert edited_pixels > 200  # the edits are visible: the comparison is not plate vs plate
+    S.update(before=before, strips=strips, curve=curve, edits={i: e.name for i, e in edits.items()})
+
+
+def _layer_deltas(na, job, layer: int) -> dict[int, np.ndarray]:
+    """The backend's full-strength render of one layer's edit, minus the plate, per frame."""
+    B = na.blender
+    edit = B.images.find_image(job.shot, layer, "edit")
+    out = os.path.join(TMP, f"full_{layer}")
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([BACKEND_PY, "-m", "backend", "edit", job.out_dir, "--layer",
+                    f"{layer}={os.path.abspath(edit.filepath)}", "--out", out, "--format", "png", "--quiet"],
+                   check=True, cwd=ROOT, capture_output=True)
+    return {f: read_png(os.path.join(out, "frames", f"{f:05d}.png"))[..., :3] for f in range(8)}
+
+
+def test_per_frame_opacity_follows_the_keyframed_curve_on_both_paths(na, shot):
+    scene, job, clip = shot["scene"], _job(na, shot["scene"]), shot["clip"]
+    curve = S["curve"]
+    full = {i: _layer_deltas(na, job, i) for i in (0, 1)}
+    for f in range(8):
+        plate = _plate(clip, f)
+        d0, d1 = full[0][f] - plate, full[1][f] - plate
+        A = np.stack([d0.ravel(), d1.ravel()], 1)
+        for name in ("render", "preview"):
+            got = S[name][f] - plate
+            # least squares o0, o1 with got = o0 d0 + o1 d1 (the marks do not clip)
+            o, *_ = np.linalg.lstsq(A, got.ravel(), rcond=None)
+            for i in (0, 1):
+                if np.abs((d0, d1)[i]).max() > 0.1:
+                    assert o[i] == pytest.approx(curve[i][f], abs=0.03), (name, f, i, o, curve[i][f])
+
+
+def test_a_new_stroke_shows_in_the_preview_without_the_backend(na, shot):
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    edit = B.images.find_image(job.shot, 1, "edit")
+    on_disk = open(edit.filepath_raw, "rb").read()
+    t0 = B.lifetime.first_frame(job)
+    a = B.images.to_array(edit)
+    seen = np.load(os.path.join(job.out_dir, "bake", "atlas_1_seen.npy"))
+    rows, cols = np.nonzero((seen > 0.9) & (a[..., 3] == 0))
+    r, c = int(np.median(rows)), int(np.median(cols))
+    B.images.paint_rect(edit, r - 3, c - 3, 6, 6, (0.0, 0.0, 1.0, 1.0))  # unsaved
+    got = _render(scene, t0 + 7, "stroke_7")
+    assert np.abs(got - S["preview"][7]).max() > 0.1  # the stroke is there at once
+    assert edit.is_dirty and open(edit.filepath_raw, "rb").read() == on_disk  # never saved behind the artist
+
+
+def test_preview_off_restores_the_file_bit_for_bit(na, shot):
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    edits = B.images.job_images(job.shot, "edit")
+    atlases = B.images.job_images(job.shot, "atlas")
+    pixels = [B.images.to_array(i).copy() for i in edits + atlases]
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}
+    assert B.preview.preview_strip(scene, job.shot) is None
+    assert not list(B.preview.tagged(job.shot))
+    # exactly what was there before preview on (the render strip, the artist's images, untouched)
+    assert _datablocks() == S["before"] and _strips(scene) == S["strips"]
+    assert all(np.array_equal(p, B.images.to_array(i)) for p, i in zip(pixels, edits + atlases))
+    # and from a file without preview: on + off leaves datablocks, strips, the rendered frame as they were
+    t0 = B.lifetime.first_frame(job)
+    before, strips, frame = _datablocks(), _strips(scene), _render(scene, t0 + 3, "before_on")
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
+    assert B.preview.is_on(scene, job)
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
+    assert _datablocks() == before and _strips(scene) == strips
+    assert np.array_equal(_render(scene, t0 + 3, "after_off"), frame)
+
+
+def test_frame_paint_mesh_lands_on_the_owner_layers_texels(na, shot):
+    import bpy
+
+    scene, job, clip = shot["scene"], _job(na, shot["scene"]), shot["clip"]
+    B, fp = na.blender, na.blender.frame_paint
+    t0 = B.lifetime.first_frame(job)
+    before = _datablocks()
+    with pytest.raises(fp.FramePaintError, match="outside the shot"):
+        fp.setup(scene, job, t0 + 8)
+    assert _datablocks() == before
+    f = 5
+    assert bpy.ops.neural_atlas.frame_paint(job_id=job.job_id, frame=t0 + f) == {"FINISHED"}
+    ob = next(o for o in bpy.data.objects if o.get(fp.KEY) == job.shot)
+    me = ob.data
+    assert [m.node_tree.nodes.active.image.name for m in me.materials] == \
+        [B.images.find_image(job.shot, i, "edit").name for i in (0, 1)]
+    assert me.uv_layers.active.name == "Atlas"
+    obj_mask = read_png(os.path.join(clip, "masks", sorted(os.listdir(os.path.join(clip, "masks")))[0],
+                                     f"{f:05d}.png"))[..., 0] > 0.5
+    bake = os.path.join(job.out_dir, "bake")
+    alpha = np.stack([np.load(os.path.join(bake, f"layer_{i}_alpha.npy"))[f].astype(np.float32) for i in (0, 1)])
+    uv = [np.load(os.path.join(bake, f"layer_{i}_uv.npy"))[f] for i in (0, 1)]
+    mi = np.empty(len(me.polygons), np.int32)
+    me.polygons.foreach_get("material_index", mi)
+    ls = np.empty(len(me.polygons), np.int32)
+    me.polygons.foreach_get("loop_start", ls)
+    uvs = np.empty(len(me.loops) * 2, np.float32)
+    me.uv_layers["Atlas"].data.foreach_get("uv", uvs)
+    uvs = uvs.reshape(-1, 2)
+    H, W = obj_mask.shape
+    checked = {0: 0, 1: 0}
+    for y in range(1, H):
+        for x in range(W - 1):
+            corners = [(y, x), (y, x + 1), (y - 1, x + 1), (y - 1, x)]  # top-down rows
+            owner = int(np.argmax([sum(alpha[i][c] for c in corners) for i in (0, 1)]))
+            if not all(alpha[owner][c] > 0.9 for c in corners):
+                continue  # a layer edge: shared
+            fi = fp.face_at(me, x, y)
+            assert mi[fi] == owner
+            s_, t_ = uvs[ls[fi]]  # the face's first corner is pixel (x, y)
+            S_ = 64
+            u, v = uv[owner][y, x]
+            assert (s_ * S_ - 0.5, (1 - t_) * S_ - 0.5) == pytest.approx(((u + 1) * S_ / 2 - 0.5,
+                                                                            (v + 1) * S_ / 2 - 0.5), abs=1e-3)
+            # the object's layer where the true mask says object, the background elsewhere
+            if obj_mask[y, x] == (owner == 0):
+                checked[owner] += 1
+    assert checked[0] > 20 and checked[1] > 200, checked
+    assert bpy.ops.neural_atlas.frame_paint_end(job_id=job.job_id) == {"FINISHED"}
+    assert not any(o.get(fp.KEY) for o in bpy.data.objects)
