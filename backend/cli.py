@@ -156,6 +156,14 @@ def _opacity_file(path: Optional[Path]):
         raise NeuralAtlasError(f"the opacity file {path} is not JSON: {e}") from None
 
 
+def cmd_paint_frame(args) -> int:
+    from .edit.paint import paint_frame
+    info = paint_frame(args.dir, args.frame, args.image, layer=args.layer, out_edits=args.out_edits,
+                       progress=ConsoleProgress(args.quiet))
+    print(json.dumps(info))
+    return EXIT_OK
+
+
 def cmd_render(args) -> int:
     from .pipeline import rerender, write_maps
     if args.maps:  # only the EXR maps (docs/atlas.md, "STMaps")
@@ -180,6 +188,7 @@ def cmd_demo(args) -> int:
     summary = {k: rep[k] for k in ("psnr", "psnr_no_residual", "alpha_iou", "iterations",
                                    "train_seconds", "total_seconds", "device")}
     summary["edit_drift_px"] = {k: rep["edit_drift_px"][k] for k in ("mean", "max")}
+    summary["frame_paint_drift_px"] = {k: rep["frame_paint_drift_px"][k] for k in ("mean", "max", "owner_ok")}
     summary["edited_video"] = rep["edited"].get("video")
     summary["report"] = str(Path(args.out) / "report.json")
     print(json.dumps(summary, indent=1))
@@ -244,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("paint-frame", help="paint on a frame of the shot: the paint lands in the layers' edit images")
+    p.add_argument("dir", type=Path, help="a decomposition folder (with its baked maps)")
+    p.add_argument("--frame", type=int, required=True, metavar="T", help="the painted frame (0-based, as frames/)")
+    p.add_argument("--image", type=Path, required=True, metavar="PAINT.png",
+                   help="RGBA paint over frame T (straight alpha = coverage), working or source resolution")
+    p.add_argument("--layer", type=int, metavar="I", help="send all paint to layer I (default: the layer seen there)")
+    p.add_argument("--out-edits", type=Path, required=True, metavar="DIR",
+                   help="edit layers layer_<i>.png: created transparent or painted over")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_paint_frame)
 
     p = sub.add_parser("render", help="re-export atlases, videos and report from the saved checkpoint")
     p.add_argument("dir", type=Path)

@@ -11,13 +11,14 @@ from typing import Optional, Sequence
 from .clip import Clip, load_clip, write_json
 from .config import Config
 from .edit.apply import render_edit
+from .edit.paint import paint_frame
 from .errors import CheckpointError, ConfigError, OutputError
 from .export.outputs import export_all
 from .preprocess.flow import compute_flow
 from .progress import CancelToken, Progress, ProgressFn, null_progress
 from .train import Trainer, load_checkpoint, read_meta
 
-__all__ = ["decompose", "rerender", "write_maps", "render_edit", "prepare_output"]
+__all__ = ["decompose", "rerender", "write_maps", "render_edit", "paint_frame", "prepare_output"]
 
 
 def prepare_output(out_dir: str | Path) -> Path:
