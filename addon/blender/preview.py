@@ -3,29 +3,28 @@
 No backend round trip: a preview scene renders, for every frame of the shot, exactly the
 backend's delta formula (docs/atlas.md)
 
-    out = plate + sum_i o_i(f) * alpha_i * R_i * (E_i(uv_i) - T_i(uv_i)),   E over T by a
+    out = plate + sum_i o_i(f) * alpha_i * R_i * D_i(uv_i),   D_i = a (rgb - T_i)  (E over T)
 
-from image sequences (plate; per layer the STMap with alpha and the residual, maps/ or
-maps_source/, all Non-Color), the layer's atlas T and the artist's edit image E (the same
-datablocks the artist paints: a stroke shows on the next redraw of the frame), and the
-per-frame opacity o_i baked from the edit lifetime (core.lifetime, the numbers Render Edit
-sends). The preview scene is shown in the VSE as a scene strip above the source, aligned
-frame for frame; it never writes a pixel of the source, the atlases or the edits.
+from image sequences (the plate; per layer the STMap with alpha and the residual, maps/ or
+maps_source/, all Non-Color), a per-layer **delta image** D_i and the per-frame opacity o_i
+baked from the edit lifetime (core.lifetime: the numbers Render Edit sends). The preview
+scene is shown in the VSE as a scene strip above the source, aligned frame for frame.
+
+The delta images belong to the preview: ``sync`` forms D = a (rgb - T) in numpy from the
+artist's edit image (its pixels in memory, painted or not yet saved: Cycles would read a
+file-backed image from disk) and the atlas PNG's raw values, whenever an edit changed (a
+checksum tells). It never writes the edit images, the atlases or the source.
 
 How the shader matches the backend:
-* every map is sampled with Closest at the preview pixel's centre (the render has one
-  sample per pixel, box filter 0.01 px), so each pixel reads its own map values;
-* the atlas-space bilinear lookup is done by hand: four Closest taps at texel centres with
-  the weights of ``grid_sample(align_corners=False, padding_mode="border")``, so the
-  premultiplied delta ``a (rgb - T)`` is formed per texel before interpolation, as the
-  backend does;
-* the atlas is read from its PNG into the preview's own image, Non-Color and channel-packed
-  (raw values, never premultiplied by its alpha, which Blender would do to the artist's atlas
-  image and lose T where nothing was seen); the edit image is the artist's, sRGB: Blender
-  hands the shader its (straight, since its Alpha is used) linear decode, which the shader
-  encodes back (exact sRGB curve), so the formula runs on encoded values like the backend's;
-* the result is decoded to linear at the end: the VSE encodes a scene strip's linear
-  render into its sequencer colour space (sRGB), giving back the encoded values.
+* every map is sampled with Closest at the preview pixel's centre (the render has one sample
+  per pixel, box filter 0.01 px), so each pixel reads its own map values;
+* D is sampled bilinearly at the pixel's (s, t), which is Blender's UV of the atlas: Cycles'
+  linear interpolation uses texel centres and clamps at the border, as the backend's
+  ``grid_sample(align_corners=False, padding_mode="border")`` does, and the delta is
+  premultiplied before interpolation, as the backend's is;
+* all values are the plate's encoded values (Non-Color); the result is decoded to linear at
+  the end, because the VSE encodes a scene strip's linear render into its sequencer colour
+  space (sRGB), giving back the encoded values.
 
 Everything the preview creates is tagged ``neural_atlas_preview = <shot>`` and removed by
 ``disable``: the file's datablocks and strips are then exactly what they were.
@@ -39,10 +38,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import bpy
+import numpy as np
 
 from ..core import lifetime as L
 from ..core import strips as S
@@ -219,13 +219,6 @@ class _Graph:
         self.nt.links.new(v, n.inputs[0])
         return n.outputs[0], n.outputs[1], n.outputs[2]
 
-    def encode(self, linear: Socket) -> Socket:
-        """The sRGB encoding of a linear colour: min(12.92 x, 1.055 x^(1/2.4) - 0.055), x >= 0
-        (the two branches of the sRGB curve meet at 0.0031308 and the smaller one is the curve)."""
-        x = self.vec("MAXIMUM", linear, 0.0)
-        hi = self.vec("MULTIPLY_ADD", self.vec("POWER", x, 1.0 / 2.4), 1.055, -0.055)
-        return self.vec("MINIMUM", self.vec("SCALE", x, 12.92), hi)
-
     def decode(self, encoded: Socket) -> Socket:
         """The linear value of an sRGB-encoded colour in [0, 1] (the exact two-branch curve)."""
         lo = self.vec("SCALE", encoded, 1.0 / 12.92)
@@ -234,31 +227,15 @@ class _Graph:
         return self.vec("ADD", lo, self.vec("MULTIPLY", w, self.vec("SUBTRACT", hi, lo)))
 
 
-def _layer_delta(g: _Graph, pixel_uv: Socket, m: MapLayer, atlas: bpy.types.Image, edit: bpy.types.Image,
-                 stmap: bpy.types.Image, residual: bpy.types.Image, frames: tuple[int, int, int],
-                 opacity: Socket) -> Socket:
-    """o * alpha * R * D(uv) for one layer, D = sum_k w_k a_k (rgb_k - T_k) over 4 taps."""
+def _layer_delta(g: _Graph, pixel_uv: Socket, delta: bpy.types.Image, stmap: bpy.types.Image,
+                 residual: bpy.types.Image, frames: tuple[int, int, int], opacity: Socket) -> Socket:
+    """o * alpha * R * D(uv) for one layer: D bilinear at the pixel's STMap (s, t), which is
+    Blender's UV of the atlas, with the texel-centre convention and border clamping."""
     st = g.tex(stmap, pixel_uv, frames=frames)
     res = g.tex(residual, pixel_uv, frames=frames)
-    S_ = float(m.atlas_size)
-    # continuous texel position (col, row from the bottom): s*S - 0.5, t*S - 0.5
-    p = g.vec("MULTIPLY_ADD", st.outputs["Color"], (S_, S_, 0.0), (-0.5, -0.5, 0.0))
-    p0 = g.vec("FLOOR", p)
-    fx, fy, _ = g.split(g.vec("SUBTRACT", p, p0))
-    gx, gy = g.math("SUBTRACT", 1.0, fx), g.math("SUBTRACT", 1.0, fy)
-    taps = (((0.0, 0.0, 0.0), gx, gy), ((1.0, 0.0, 0.0), fx, gy), ((0.0, 1.0, 0.0), gx, fy),
-            ((1.0, 1.0, 0.0), fx, fy))
-    total: Optional[Socket] = None
-    for off, wx, wy in taps:
-        q = g.vec("MAXIMUM", g.vec("MINIMUM", g.vec("ADD", p0, off), S_ - 1.0), 0.0)  # border padding
-        uv = g.vec("MULTIPLY_ADD", q, 1.0 / S_, 0.5 / S_)  # the texel's centre
-        e = g.tex(edit, uv)
-        t = g.tex(atlas, uv)
-        diff = g.vec("SUBTRACT", g.encode(e.outputs["Color"]), t.outputs["Color"])
-        d = g.vec("SCALE", diff, g.math("MULTIPLY", e.outputs["Alpha"], g.math("MULTIPLY", wx, wy)))
-        total = d if total is None else g.vec("ADD", total, d)
+    d = g.tex(delta, st.outputs["Color"], "Linear")
     gain = g.math("MULTIPLY", st.outputs["Alpha"], opacity)
-    return g.vec("SCALE", g.vec("MULTIPLY", total, res.outputs["Color"]), gain)
+    return g.vec("SCALE", g.vec("MULTIPLY", d.outputs["Color"], res.outputs["Color"]), gain)
 
 
 # ------------------------------------------------------------------ building
@@ -318,8 +295,7 @@ def _opacity_nodes(nt: bpy.types.NodeTree) -> dict[int, Any]:
 
 
 def _material(name: str, shot: str, maps: Maps, plate: Plate, plate_img: bpy.types.Image,
-              layers: Sequence[tuple[MapLayer, bpy.types.Image, bpy.types.Image, bpy.types.Image,
-                                     bpy.types.Image]], t0: int,
+              layers: Sequence[tuple[MapLayer, bpy.types.Image, bpy.types.Image, bpy.types.Image]], t0: int,
               opacity: dict[int, list[float]]) -> bpy.types.Material:
     mat = bpy.data.materials.new(name)
     _tag(mat, shot)
@@ -335,10 +311,9 @@ def _material(name: str, shot: str, maps: Maps, plate: Plate, plate_img: bpy.typ
     plate_tex = g.tex(plate_img, uv, "Closest" if exact else "Linear",
                       frames=(t0, F, plate.offset) if (F > 1 or plate.movie) else None)
     out: Socket = plate_tex.outputs["Color"]
-    for m, atlas, edit, stmap, residual in layers:
+    for m, delta, stmap, residual in layers:
         val = g.node("ShaderNodeValue", label=f"opacity {m.index}", name=f"opacity {m.index}")
-        out = g.vec("ADD", out, _layer_delta(g, uv, m, atlas, edit, stmap, residual, (t0, F, -1),
-                                              val.outputs[0]))
+        out = g.vec("ADD", out, _layer_delta(g, uv, delta, stmap, residual, (t0, F, -1), val.outputs[0]))
     _bake_opacity(nt, {i: (node, opacity.get(i, [1.0] * F)) for i, node in _opacity_nodes(nt).items()},
                   t0, shot, name)
     out = g.vec("MAXIMUM", g.vec("MINIMUM", out, 1.0), 0.0)
@@ -358,7 +333,8 @@ def _scene(name: str, shot: str, maps: Maps, t0: int, mat: bpy.types.Material) -
     r.engine = "CYCLES"
     r.resolution_x, r.resolution_y, r.resolution_percentage = W, H, 100
     r.film_transparent = False
-    r.use_persistent_data = True  # keep the scene between frames: only images change
+    # no persistent data: a kept render session would keep the delta images it first read
+    r.use_persistent_data = False
     try:
         r.sequencer_gl_preview = "RENDERED"
     except (AttributeError, TypeError):
@@ -391,6 +367,98 @@ def _scene(name: str, shot: str, maps: Maps, t0: int, mat: bpy.types.Material) -
     _tag(plane, shot)
     sc.collection.objects.link(plane)
     return sc
+
+
+# ---------------------------------------------------------- the delta images
+@dataclass
+class _Layer:
+    atlas: np.ndarray  # (S, S, 3) float32, the atlas's raw RGB, Blender's row order (bottom first)
+    edit: str  # the artist's edit image (name)
+    delta: str  # the preview's delta image (name)
+    crc: int = -1  # of the edit pixels last turned into the delta
+
+
+@dataclass
+class _Shot:
+    shot: str
+    layers: dict = field(default_factory=dict)  # layer -> _Layer
+
+
+_SHOTS: dict[str, _Shot] = {}
+
+
+def atlas_values(atlas: bpy.types.Image) -> np.ndarray:
+    """The atlas PNG's raw RGB (S, S, 3), as the backend reads it: a Non-Color, channel-packed
+    read of the file (never the artist's image, whose colour Blender linearises and whose RGB it
+    premultiplies by alpha = seen, losing T where nothing was seen)."""
+    path = bpy.path.abspath(atlas.filepath_raw or atlas.filepath)
+    tmp = bpy.data.images.load(path, check_existing=False)
+    try:
+        tmp.colorspace_settings.name = "Non-Color"
+        tmp.alpha_mode = "CHANNEL_PACKED"
+        w, h = tmp.size
+        a = np.empty(w * h * 4, np.float32)
+        images._pixels(tmp).foreach_get(a)
+    finally:
+        bpy.data.images.remove(tmp)
+    return np.ascontiguousarray(a.reshape(h, w, 4)[..., :3])
+
+
+def _encoded(img: bpy.types.Image) -> np.ndarray:
+    """An edit image's pixels as stored in its file (encoded, straight alpha), bottom row first."""
+    w, h = img.size
+    a = np.empty(w * h * img.channels, np.float32)
+    images._pixels(img).foreach_get(a)
+    a = a.reshape(h, w, img.channels)
+    if img.channels != 4:
+        raise PreviewError(f"'{img.name}' has {img.channels} channels; an edit image is RGBA")
+    if img.is_float and img.colorspace_settings.name not in ("Non-Color", "Raw", "Generic Data"):
+        # float buffers hold linear values: encode them as the PNG the backend reads holds them
+        rgb = np.maximum(a[..., :3], 0.0)
+        a[..., :3] = np.where(rgb < 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1 / 2.4) - 0.055)
+    return a
+
+
+def edit_delta(edit: np.ndarray, atlas: np.ndarray) -> np.ndarray:
+    """The premultiplied delta of an edit layer over its atlas, ``D = a (rgb - T)`` (the
+    backend's ``E - T`` for E = T (1 - a) + rgb a), as RGBA with alpha 1."""
+    out = np.empty(edit.shape[:2] + (4,), np.float32)
+    np.subtract(edit[..., :3], atlas, out=out[..., :3])
+    out[..., :3] *= edit[..., 3:4]
+    out[..., 3] = 1.0
+    return out
+
+
+def sync(shot: Optional[str] = None) -> int:
+    """Turn changed edit images into the preview's delta images (all previews, or ``shot``'s):
+    called after strokes (depsgraph updates, the paint timer) and by Refresh. Returns how many
+    layers changed. Cheap when nothing changed (a checksum of each edit's pixels)."""
+    import zlib
+
+    changed = 0
+    for key, state in list(_SHOTS.items()):
+        if shot is not None and key != shot:
+            continue
+        for layer in state.layers.values():
+            edit, delta = bpy.data.images.get(layer.edit), bpy.data.images.get(layer.delta)
+            if edit is None or delta is None:
+                continue
+            px = _encoded(edit)
+            crc = zlib.crc32(memoryview(px).cast("B"))
+            if crc == layer.crc:
+                continue
+            if px.shape[:2] != layer.atlas.shape[:2]:
+                raise PreviewError(f"'{edit.name}' is {px.shape[1]}x{px.shape[0]}, the layer's atlas "
+                                   f"{layer.atlas.shape[1]}x{layer.atlas.shape[0]}",
+                                   "Use Load Atlases to bring it to the atlas size")
+            images._pixels(delta).foreach_set(edit_delta(px, layer.atlas).ravel())
+            delta.update()
+            layer.crc = crc
+            changed += 1
+        if changed:
+            for sc in bpy.data.scenes:
+                touch(sc, key)
+    return changed
 
 
 # --------------------------------------------------------------------- API
@@ -434,21 +502,29 @@ def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False)
         plate_img = _load_sequence(plate.path, job.shot, f"{name} plate", n, plate.movie)
         made.append(plate_img)
         layers = []
+        state = _Shot(job.shot)
         for m in maps.layers:
-            # the atlas's own copy, raw: Blender would premultiply the artist's atlas image by
-            # its alpha (seen), losing T where it is 0, which bilinear taps at the border read
-            at = _load_sequence(atlases[m.index].filepath, job.shot, f"{name} atlas {m.index}", 1)
+            delta = bpy.data.images.new(f"{name} delta {m.index}", m.atlas_size, m.atlas_size, alpha=True,
+                                        float_buffer=True, is_data=True)
+            delta.colorspace_settings.name = "Non-Color"
+            delta.alpha_mode = "CHANNEL_PACKED"
+            _tag(delta, job.shot)
+            state.layers[m.index] = _Layer(atlas_values(atlases[m.index]), edits[m.index].name, delta.name)
             st = _load_sequence(m.stmap, job.shot, f"{name} stmap {m.index}", n)
             rs = _load_sequence(m.residual, job.shot, f"{name} residual {m.index}", n)
-            made += [at, st, rs]
-            layers.append((m, at, edits[m.index], st, rs))
+            made += [delta, st, rs]
+            layers.append((m, delta, st, rs))
+        _SHOTS[job.shot] = state
+        sync(job.shot)
         mat = _material(name, job.shot, maps, plate, plate_img, layers, t0, opacity)
         sc = _scene(name, job.shot, maps, t0, mat)
         strip = _place(scene, sc, job, t0, n)
     except BaseException:
+        _SHOTS.pop(job.shot, None)
         _remove_tagged(job.shot)
         raise
     _remember(job, opacity)
+    _arm_paint_poll()
     return strip
 
 
@@ -489,6 +565,7 @@ def disable(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
     before = sum(1 for c in _DATA for d in getattr(bpy.data, c) if d.get(KEY) == job.shot)
     _remove_tagged(job.shot)
     _BAKED.pop(job.shot, None)
+    _SHOTS.pop(job.shot, None)
     return found or before > 0
 
 
@@ -510,10 +587,7 @@ def touch(scene: bpy.types.Scene, shot: Optional[str] = None) -> int:
     n = 0
     for s in vse.all_strips(scene):
         if s.get(KEY) and (shot is None or s.get(KEY) == shot):
-            try:
-                s.invalidate_cache("COMPOSITE")  # type: ignore[attr-defined]
-            except (AttributeError, TypeError):
-                pass
+            s.invalidate_cache("RAW")  # the strip's own rendered frames (COMPOSITE would keep them)
             n += 1
     return n
 
@@ -544,8 +618,10 @@ def on_depsgraph_update(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) 
     if not shots:
         return
     if depsgraph.id_type_updated("IMAGE"):
-        for sc in set(shots.values()):
-            touch(sc)
+        try:
+            sync()
+        except PreviewError:
+            pass  # Refresh reports it
     if not depsgraph.id_type_updated("SCENE"):
         return
     for shot, sc in shots.items():
@@ -559,3 +635,27 @@ def on_depsgraph_update(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) 
             continue  # the panel's Refresh reports it; keep the last good bake
         if now != _BAKED.get(shot):
             refresh_opacity(sc, job)
+
+
+PAINT_POLL_S = 1.0
+
+
+def paint_poll() -> Optional[float]:
+    """GUI timer while a preview is on: while an edit image has unsaved paint, turn changed
+    edits into the preview (``sync`` is a checksum when nothing changed). Stops by itself when
+    no preview is left."""
+    if not _SHOTS:
+        return None
+    try:
+        edits = [bpy.data.images.get(layer.edit) for st in _SHOTS.values() for layer in st.layers.values()]
+        dirty = any(img is not None and img.is_dirty for img in edits)
+        if dirty:
+            sync()
+    except (PreviewError, ReferenceError):
+        pass
+    return PAINT_POLL_S
+
+
+def _arm_paint_poll() -> None:
+    if not bpy.app.background and not bpy.app.timers.is_registered(paint_poll):
+        bpy.app.timers.register(paint_poll, first_interval=PAINT_POLL_S)
