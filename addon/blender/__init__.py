@@ -24,6 +24,15 @@ def _save_edits_pre(*_args: object) -> None:
 
 
 @bpy.app.handlers.persistent
+def _save_edits_before_render(*_args: object) -> None:
+    """In background mode a Cycles render (the live preview's, or any) frees the pixel buffers
+    of every file-backed image that is not packed, unsaved paint included (seen with bpy 5.0.1:
+    ``is_dirty`` drops and the image reloads from disk). Save modified edit images first."""
+    if bpy.app.background:
+        _save_edits_pre()
+
+
+@bpy.app.handlers.persistent
 def _load_post(*_args: object) -> None:
     """A newly opened .blend may hold running jobs: re-attach to them on the next tick."""
     runtime.get().attached = False
@@ -43,6 +52,8 @@ def register() -> None:
         bpy.app.handlers.save_pre.append(_save_edits_pre)
     if _load_post not in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.append(_load_post)
+    if _save_edits_before_render not in bpy.app.handlers.render_pre:
+        bpy.app.handlers.render_pre.append(_save_edits_before_render)
     if preview.on_depsgraph_update not in bpy.app.handlers.depsgraph_update_post:
         bpy.app.handlers.depsgraph_update_post.append(preview.on_depsgraph_update)
     atexit.register(runtime.shutdown)
@@ -52,7 +63,8 @@ def unregister() -> None:
     runtime.reset()  # stops the timer, closes the socket, stops a local backend
     atexit.unregister(runtime.shutdown)
     for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post),
-                    (bpy.app.handlers.depsgraph_update_post, preview.on_depsgraph_update)):
+                    (bpy.app.handlers.depsgraph_update_post, preview.on_depsgraph_update),
+                    (bpy.app.handlers.render_pre, _save_edits_before_render)):
         if fn in lst:
             lst.remove(fn)
     props.unregister()
