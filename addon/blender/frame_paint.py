@@ -252,8 +252,9 @@ def enter_paint_mode(context: bpy.types.Context, scene: bpy.types.Scene, ob: bpy
     vl = context.view_layer
     if vl is None:
         return done
-    for o in list(vl.objects.selected):
-        o.select_set(False)
+    for o in vl.objects:
+        if o is not None and o.select_get():
+            o.select_set(False)
     vl.objects.active = ob
     ob.select_set(True)
     ip = scene.tool_settings.image_paint
