@@ -28,9 +28,10 @@ How the shader matches the backend:
 
 Everything the preview creates is tagged ``neural_atlas_preview = <shot>`` and removed by
 ``disable``: the file's datablocks and strips are then exactly what they were.
-Rendering: Cycles (CPU or GPU, one sample). In the VSE the scene strip is drawn with the
-preview scene's *Sequencer preview shading* (``render.sequencer_gl_preview``), set to
-Rendered so that the preview is the exact one.
+Rendering: Cycles (CPU or GPU, one sample). The Sequencer's preview draws scene strips with
+the *sequencer scene's* preview shading (``render.sequencer_gl_preview``; Solid by default,
+which would show a grey plane): while a preview is on it is set to Rendered, so the VSE
+shows the exact preview, and set back to what it was when the last preview goes.
 """
 
 from __future__ import annotations
@@ -335,10 +336,6 @@ def _scene(name: str, shot: str, maps: Maps, t0: int, mat: bpy.types.Material) -
     r.film_transparent = False
     # no persistent data: a kept render session would keep the delta images it first read
     r.use_persistent_data = False
-    try:
-        r.sequencer_gl_preview = "RENDERED"
-    except (AttributeError, TypeError):
-        pass
     c = sc.cycles  # type: ignore[attr-defined]
     c.samples, c.preview_samples = 1, 1
     c.use_adaptive_sampling = False
@@ -536,7 +533,11 @@ def _place(scene: bpy.types.Scene, sc: bpy.types.Scene, job: NA_JobItem, t0: int
     with vse._CacheOff(ed):
         strip = vse.top_level(ed).new_scene(name=sc.name, scene=sc, channel=channel, frame_start=t0)
         strip.frame_final_duration = n
+    others = [o.get(KEY + "_shading") for o in vse.all_strips(scene) if o.get(KEY) and o != strip]
     strip[KEY] = job.shot
+    # the artist's shading, restored by disable when the last preview goes
+    strip[KEY + "_shading"] = next((v for v in others if v), str(scene.render.sequencer_gl_preview))
+    scene.render.sequencer_gl_preview = "RENDERED"
     strip.blend_type = "REPLACE"
     W, H = sc.render.resolution_x, sc.render.resolution_y
     rx, ry = scene.render.resolution_x, scene.render.resolution_y
@@ -558,9 +559,12 @@ def disable(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
     found = False
     for sc in bpy.data.scenes:
         for s in [s for s in vse.all_strips(sc) if s.get(KEY) == job.shot]:
+            shading = s.get(KEY + "_shading")
             ed = sc.sequence_editor
             with vse._CacheOff(ed):
                 vse.top_level(ed).remove(s)
+            if shading and not any(o.get(KEY) for o in vse.all_strips(sc)):
+                sc.render.sequencer_gl_preview = shading
             found = True
     before = sum(1 for c in _DATA for d in getattr(bpy.data, c) if d.get(KEY) == job.shot)
     _remove_tagged(job.shot)

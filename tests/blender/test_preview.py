@@ -241,10 +241,12 @@ def test_preview_off_restores_the_file_bit_for_bit(na, shot):
     # and from a file without preview: on + off leaves datablocks, strips, the rendered frame as they were
     t0 = B.lifetime.first_frame(job)
     before, strips, frame = _datablocks(), _strips(scene), _render(scene, t0 + 3, "before_on")
+    shading = scene.render.sequencer_gl_preview
     assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
-    assert B.preview.is_on(scene, job)
+    assert B.preview.is_on(scene, job) and scene.render.sequencer_gl_preview == "RENDERED"
     assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
     assert _datablocks() == before and _strips(scene) == strips
+    assert scene.render.sequencer_gl_preview == shading
     assert np.array_equal(_render(scene, t0 + 3, "after_off"), frame)
 
 
