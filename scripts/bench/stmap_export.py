@@ -12,7 +12,9 @@ Part 2, export: ``export_all`` of an untrained model of ``--preset`` (its cost d
 on the weights) on the synthetic clip at ``--size``, once with ``export.maps = "none"`` (the
 export before the maps existed: atlases, videos/PNG streams, bake, report) and once with
 ``"working"`` (the same plus the EXR sequences on the same writer pool); the ratio is the
-price of the maps. Both runs evaluate the networks on ``--device`` the same way.
+price of the maps. Both runs evaluate the networks on ``--device`` the same way. The atlas
+size is fixed (``--atlas-size``, default 512) so that rendering the atlases, which the maps do
+not change, does not drown the per-frame costs (an untrained model's automatic size is 4096).
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ def part2(args, w: int, h: int) -> dict:
     from backend.train import Trainer
     dev = torch.device(args.device)
     clip = make_synthetic_clip(width=w, height=h, n_frames=args.frames, seed=0).clip
-    results = {"device": device_name(dev), "frames": args.frames, "size": [w, h], "preset": args.preset}
+    results = {"device": device_name(dev), "frames": args.frames, "size": [w, h], "preset": args.preset,
+               "atlas_size": args.atlas_size}
     for maps in ["none", "working"] * args.repeat:
         cfg = preset(args.preset).replace(clip={"long_edge": max(w, h)}, train={"device": str(dev)},
-                                          export={"maps": maps})
+                                          export={"maps": maps, "atlas_size": args.atlas_size})
         tr = Trainer(clip, None, cfg, dev)
         out = Path(tempfile.mkdtemp(prefix="stmap-export-"))
         try:
@@ -136,6 +139,7 @@ def main() -> int:
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=1, help="export runs per setting (best counts)")
+    ap.add_argument("--atlas-size", type=int, default=512)
     ap.add_argument("--writer-repeat", type=int, default=3)
     ap.add_argument("--skip-export", action="store_true", help="part 1 only")
     ap.add_argument("--json", type=Path, help="write the results here")
