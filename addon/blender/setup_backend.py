@@ -72,6 +72,7 @@ class _State:
     status: I.Status = field(default_factory=I.Status)
     machine: Optional[tuple[str, Optional[E.Nvidia]]] = None
     pythons: dict[str, Any] = field(default_factory=dict)   # path -> PythonInfo | SetupError
+    requirements: dict[str, str] = field(default_factory=dict)  # wheel -> its torch requirement
     connecting_until: float = 0.0
     ready_text: str = ""
     stamp_cache: tuple[float, dict[str, Any]] = (0.0, {})
@@ -135,10 +136,10 @@ def machine(refresh: bool = False) -> tuple[str, Optional[E.Nvidia]]:
 
 def torch_choice(p: Any, refresh: bool = False) -> E.TorchChoice:
     plat, nv = machine(refresh)
-    default = "torch"
     w = wheel_path()
-    if os.path.isfile(w):
-        default = E.wheel_requirement(w, "torch") or default
+    if w not in _S.requirements:  # read once: draw() calls this on every redraw
+        _S.requirements[w] = (E.wheel_requirement(w, "torch") if os.path.isfile(w) else "") or "torch"
+    default = _S.requirements[w]
     return E.choose_torch(plat, nv, variant=p.torch_variant, requirement=p.torch_requirement,
                           source=p.torch_source, custom_index=p.torch_index, default_requirement=default)
 
@@ -355,6 +356,12 @@ def run_blocking(context: Optional[bpy.types.Context], timeout: Optional[float] 
     # the Connect operator's blocking wait: starts the local backend, waits for hello
     connect_op: Any = getattr(bpy.ops, "neural_atlas").connect  # registered by this add-on (no stub)
     if connect_op(wait=True) == {"FINISHED"}:
+        from . import runtime
+
+        end = time.monotonic() + CONNECT_TIMEOUT_S  # the device probe may take a while on a busy machine
+        while _connection_result() is None and time.monotonic() < end:
+            runtime.tick()
+            time.sleep(TICK_S)
         _S.ready_text = _ready_text()
         _S.status.message = _S.ready_text
         note(_S.ready_text)

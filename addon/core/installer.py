@@ -28,6 +28,7 @@ from . import environment as E
 STEP_SECONDS = {"check": 1, "probe": 5, "venv": 8, "pip": 6, "torch": 40, "backend": 35, "verify": 8, "remove": 3}
 TORCH_SECONDS = {"cpu": 40, "mps": 40, "cuda": 300}
 CANCEL_GRACE_S = 15.0
+LOG_KEEP_BYTES = 5_000_000
 #: The subprocess that deletes folders (a 7 GB environment must not freeze the UI).
 RMTREE_CODE = "import shutil, sys\nfor p in sys.argv[1:]:\n    shutil.rmtree(p, ignore_errors=True)\n"
 LEFTOVER_MARK = ".removing-"
@@ -42,6 +43,7 @@ class Run:
     argv: list[str]
     pip: bool = False                 # fold its output into download/install progress
     expected_bytes: int = 0
+    span: tuple[float, float] = (0.0, 1.0)  # the part of its step's bar this command fills
 
 
 @dataclass
@@ -89,10 +91,12 @@ class Job:
     """Runs one script; never blocks in ``poll``; owns at most one subprocess."""
 
     def __init__(self, script: Callable[["Job"], Script], *, log_path: str, env: Mapping[str, str], cwd: str,
-                 kind: str = "setup") -> None:
-        self.log_path, self.env, self.cwd = log_path, dict(env), cwd
+                 kind: str = "setup", scratch: str = "") -> None:
+        """``scratch``: a folder made for the job's temporary files and deleted when it ends."""
+        self.log_path, self.env, self.cwd, self.scratch = log_path, dict(env), cwd, scratch
         self.status = Status(state="running", kind=kind, log_path=log_path, started=time.time())
         self._weights: list[tuple[str, float]] = []
+        self._base = 0.0
         self._done_weight = 0.0
         self._step_weight = 0.0
         self._proc: Optional[subprocess.Popen] = None
@@ -104,7 +108,11 @@ class Job:
         self._cancel_at = 0.0
         self._killed = False
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        if os.path.isfile(log_path) and os.path.getsize(log_path) > LOG_KEEP_BYTES:
+            os.replace(log_path, log_path + ".1")  # keep the previous runs, not all of them
         os.makedirs(cwd, exist_ok=True)
+        if scratch:
+            os.makedirs(scratch, exist_ok=True)
         self._log(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {kind} started\n")
         self._gen = script(self)
         self._advance(None)
@@ -120,6 +128,7 @@ class Job:
         self._weights = weights
         self._done_weight = 0.0
         self._step_weight = 0.0
+        self._base = self.status.fraction  # a new plan continues the bar, never moves it back
         self._update_fraction(0.0)
 
     def begin(self, step: str, label: str = "") -> None:
@@ -162,12 +171,14 @@ class Job:
             interval: float = 0.2) -> Status:
         """The blocking driver (background mode): poll until finished; Ctrl-C cancels."""
         end = time.monotonic() + timeout if timeout else None
-        last = ""
+        last = self.status.line()
+        if on_progress is not None:  # the first step, even when it already failed
+            on_progress(self.status)
         try:
             while self.status.state == "running":
                 self.poll()
                 line = self.status.line()
-                if on_progress is not None and line != last:
+                if on_progress is not None and line != last and self.status.state == "running":
                     last = line
                     on_progress(self.status)
                 if end is not None and time.monotonic() > end and not self._cancel_at:
@@ -181,8 +192,6 @@ class Job:
                 self.poll()
                 time.sleep(interval)
             raise
-        if on_progress is not None:
-            on_progress(self.status)
         return self.status
 
     @property
@@ -280,7 +289,8 @@ class Job:
                     E.pip_line(self._pip, part)
             if self._pip.detail and not self._cancel_at:
                 self.status.detail = self._pip.detail
-            self._update_fraction(self._pip.fraction)
+            a, b = self._run.span
+            self._update_fraction(a + (b - a) * self._pip.fraction)
 
     def _output(self) -> str:
         try:
@@ -292,11 +302,14 @@ class Job:
 
     def _update_fraction(self, step_fraction: float) -> None:
         total = sum(w for _, w in self._weights) or 1.0
-        self.status.fraction = max(0.0, min(1.0, (self._done_weight + self._step_weight * step_fraction) / total))
+        raw = (self._done_weight + self._step_weight * step_fraction) / total
+        self.status.fraction = max(self.status.fraction, min(1.0, self._base + (1.0 - self._base) * raw))
 
     def _finish(self, state: str, message: str, hint: str = "", code: str = "") -> None:
         self.status.state, self.status.message, self.status.hint, self.status.code = state, message, hint, code
         self.status.finished = time.time()
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         if state == "done":
             self.status.fraction, self.status.detail = 1.0, ""
         self._log(f"==== {time.strftime('%H:%M:%S')} {state}: {message}" + (f" ({hint})" if hint else "") +
@@ -333,8 +346,8 @@ class SetupConfig:
 
 def start_setup(c: SetupConfig, base_env: Optional[Mapping[str, str]] = None) -> Job:
     env = E.child_env(os.environ if base_env is None else base_env, c.user_dir)
-    return Job(lambda job: _setup_script(job, c), log_path=c.log_path, env=env, cwd=os.path.join(c.user_dir, "tmp"),
-               kind="repair" if c.repair else "setup")
+    return Job(lambda job: _setup_script(job, c), log_path=c.log_path, env=env, cwd=c.user_dir,
+               kind="repair" if c.repair else "setup", scratch=env["TMPDIR"])
 
 
 def _pip_supports_raw(version: str) -> bool:
@@ -383,8 +396,7 @@ def _setup_script(job: Job, c: SetupConfig) -> Script:
     needed = c.required_bytes if c.required_bytes is not None else E.required_bytes(steps, c.torch.variant)
     free = E.check_disk(c.user_dir, needed)
     job.note(f"disk: {E.gb(free)} free, about {E.gb(needed)} needed")
-    for d in ("tmp", os.path.join("cache", "pip")):
-        os.makedirs(os.path.join(c.user_dir, d), exist_ok=True)
+    os.makedirs(os.path.join(c.user_dir, "cache", "pip"), exist_ok=True)
 
     if "venv" in steps:
         job.begin("venv")
@@ -434,18 +446,21 @@ def _setup_script(job: Job, c: SetupConfig) -> Script:
         torch_version = _last_line(r.output) if r.returncode == 0 else ""
         pin = []
         if torch_version:  # the backend's dependencies never swap the torch chosen above
-            cfile = os.path.join(c.user_dir, "tmp", "torch-constraint.txt")
+            cfile = os.path.join(job.scratch, "torch-constraint.txt")
             with open(cfile, "w", encoding="utf-8") as f:
                 f.write(f"torch=={torch_version}\n")
             pin = ["--constraint", cfile]
-        broken = [E.MODULE_DISTS[m] for m in errors if m in E.MODULE_DISTS]
-        if c.repair or interrupted == "backend" or broken:
-            r = yield Run(pip + ["--force-reinstall", "--no-deps", c.wheel, *broken], pip=True)
+        broken = [E.MODULE_DISTS[m] for m, err in errors.items() if m in E.MODULE_DISTS
+                  and not err.startswith("ModuleNotFoundError")]  # installed, but does not load
+        forced = c.repair or interrupted == "backend" or bool(broken)
+        if forced:
+            r = yield Run(pip + ["--force-reinstall", "--no-deps", c.wheel, *broken], pip=True, span=(0.0, 0.3))
             if r.returncode != 0:
                 raise E.classify_failure(r.output, r.returncode, what="the backend", python=py.short,
                                          platform_name=c.platform_name, log_path=job.log_path)
         spec = c.wheel + (f"[{','.join(target.extras)}]" if target.extras else "")
-        r = yield Run(pip + pin + [spec], pip=True, expected_bytes=E.BACKEND_DEPS_MB[0] * 10**6)
+        r = yield Run(pip + pin + [spec], pip=True, expected_bytes=E.BACKEND_DEPS_MB[0] * 10**6,
+                      span=(0.3, 1.0) if forced else (0.0, 1.0))
         if r.returncode != 0:
             raise E.classify_failure(r.output, r.returncode, what="the backend's packages",
                                      index_urls=_pip_indexes(r.output), python=py.short,
@@ -466,8 +481,7 @@ def _setup_script(job: Job, c: SetupConfig) -> Script:
     stamp["verified"] = {k: probe.get(k) for k in ("python", "torch", "torch_cuda", "device", "backend", "size")}
     E.write_stamp(env_dir, stamp)
     job.status.probe = dict(probe)
-    for d in (os.path.join(c.user_dir, "cache"), os.path.join(c.user_dir, "tmp")):
-        shutil.rmtree(d, ignore_errors=True)  # a few downloaded wheels: quick
+    shutil.rmtree(os.path.join(c.user_dir, "cache"), ignore_errors=True)  # a few downloaded wheels: quick
     job.status.message = (f"Installed PyTorch {probe.get('torch')} ({c.torch.label}) and the backend "
                           f"{probe.get('backend')}: {E.gb(probe.get('size') or 0)}")
 
