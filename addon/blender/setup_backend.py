@@ -383,13 +383,9 @@ def shutdown() -> None:
 
 
 def _redraw() -> None:
-    wm = bpy.context.window_manager
-    if wm is None:
-        return
-    for win in wm.windows:
-        for area in win.screen.areas:
-            if area.type in ("PREFERENCES", "SEQUENCE_EDITOR"):
-                area.tag_redraw()
+    from . import runtime
+
+    runtime._redraw()  # the Preferences and the Sequencer (the same areas the job poller redraws)
 
 
 # ---------------------------------------------------------------- operators

@@ -65,7 +65,7 @@ class Status:
     code: str = ""
     log_path: str = ""
     reused: bool = False
-    steps: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # what this run installs ([] = reused as it is)
     probe: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
@@ -120,7 +120,6 @@ class Job:
     # ----------------------------------------------------------- the script's API
     def plan(self, steps: Sequence[str], variant: str = "cpu") -> None:
         """The steps still to come (with their weights), after the ones begun so far."""
-        self.status.steps = list(steps)
         weights = []
         for s in steps:
             sec = TORCH_SECONDS.get(variant, 60) if s == "torch" else STEP_SECONDS.get(s, 5)
@@ -388,7 +387,8 @@ def _setup_script(job: Job, c: SetupConfig) -> Script:
         job.note(job.status.message)
         return
     job.note(f"steps to run: {', '.join(steps)}")
-    job.plan([*steps, "verify"], c.torch.variant)
+    job.status.steps = [*steps, "verify"]
+    job.plan(job.status.steps, c.torch.variant)
     if not c.online:
         raise E.SetupError("offline", "Setting up downloads PyTorch and the backend's packages, and Blender's "
                            "online access is off", "Allow Online Access (Preferences > System > Network), "
