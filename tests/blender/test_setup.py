@@ -240,7 +240,9 @@ def test_repair_mends_a_broken_backend_then_remove_deletes_only_the_environment(
     assert os.path.isfile(os.path.join(site, "backend", "service", "server.py"))
     log = open(sb.log_path(), encoding="utf-8").read()
     last = log[log.rindex(" repair started"):]
-    assert "--force-reinstall --no-deps" in last and "torch==2.13.0" not in last  # a working torch is kept
+    pips = [ln for ln in last.splitlines() if ln.startswith("$ ") and " -m pip install " in ln]
+    assert any("--force-reinstall --no-deps" in ln for ln in pips), pips
+    assert not [ln for ln in pips if "torch==" in ln], pips  # a working torch is kept
     assert E.ready(E.read_stamp(sb.env_dir()))
     # Remove: the environment goes, the add-on stops using it; workspace and logs stay
     user = sb.user_dir()
