@@ -169,6 +169,15 @@ def active() -> bool:
     return _S.job is not None and _S.job.status.active
 
 
+def current_job() -> Optional[I.Job]:
+    return _S.job
+
+
+def connecting() -> bool:
+    """After a setup: the backend is being started and asked for its device."""
+    return bool(_S.connecting_until)
+
+
 def note(text: str) -> None:
     from . import runtime
 

@@ -128,7 +128,7 @@ def test_cancel_mid_install_leaves_no_broken_environment(na, setup_prefs):
     st = sb.status()
     assert st.active, (st.message, st.hint)
     assert 0 < st.fraction < 1 and st.label == "Installing PyTorch (CPU only)"
-    pid = sb._S.job.pid
+    pid = sb.current_job().pid
     assert bpy.ops.neural_atlas.backend_setup_cancel() == {"FINISHED"}
     tick_setup(sb, lambda: not sb.active(), 60)
     st = sb.status()
@@ -187,9 +187,12 @@ def test_second_setup_reuses_the_environment(na, setup_prefs):
 
     sb = na.blender.setup_backend
     before = os.path.getsize(sb.log_path())
-    assert bpy.ops.neural_atlas.backend_setup(wait=True) == {"FINISHED"}
+    # this time through the GUI driver (the timer's tick): check, reuse, connect, hello
+    assert bpy.ops.neural_atlas.backend_setup() == {"FINISHED"}
+    tick_setup(sb, lambda: not sb.active() and not sb.connecting(), 120)
     st = sb.status()
-    assert st.reused and st.state == "done" and st.steps == []
+    assert st.reused and st.state == "done" and st.steps == [], (st.message, st.hint)
+    assert st.message.startswith("Backend ready: ") and "cpu" in st.message
     with open(sb.log_path(), encoding="utf-8") as f:
         f.seek(before)
         new = f.read()
