@@ -7,9 +7,10 @@ import atexit
 
 import bpy
 
-from . import frame_paint, lifetime, masks, operators, paint, panels, prefs, preview, props, runtime  # noqa: F401
+from . import (frame_paint, lifetime, masks, operators, paint, panels, prefs, preview, props,  # noqa: F401
+               runtime, setup_backend)
 
-_CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES)
+_CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES, *setup_backend.CLASSES)
 
 
 @bpy.app.handlers.persistent
@@ -57,11 +58,14 @@ def register() -> None:
     if preview.on_depsgraph_update not in bpy.app.handlers.depsgraph_update_post:
         bpy.app.handlers.depsgraph_update_post.append(preview.on_depsgraph_update)
     atexit.register(runtime.shutdown)
+    atexit.register(setup_backend.shutdown)
 
 
 def unregister() -> None:
+    setup_backend.shutdown()  # interrupts a running pip
     runtime.reset()  # stops the timer, closes the socket, stops a local backend
     atexit.unregister(runtime.shutdown)
+    atexit.unregister(setup_backend.shutdown)
     for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post),
                     (bpy.app.handlers.depsgraph_update_post, preview.on_depsgraph_update),
                     (bpy.app.handlers.render_pre, _save_edits_before_render)):

@@ -112,14 +112,16 @@ def _cross(ax, ay, bx, by):
     return ax * by - ay * bx
 
 
-def rasterise(q: torch.Tensor, values: torch.Tensor, tris: torch.Tensor, size: int,
+def rasterise(q: torch.Tensor, values: torch.Tensor, tris: torch.Tensor, window: tuple[int, int, int, int],
               max_edge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Interpolate per-vertex ``values`` (P, C) over triangles ``tris`` (T, 3) whose vertices sit
-    at texel coordinates ``q`` (P, 2) (col, row: texel k's centre at k), at every texel centre of
-    an ``size`` x ``size`` atlas they cover. Returns the sums (S*S, C) and sample counts (S*S,)."""
+    at texel coordinates ``q`` (P, 2) (col, row: texel k's centre at k), at every texel centre they
+    cover inside ``window`` (col0, row0, col1, row1; stop exclusive) of the atlas. Returns the
+    sums (h * w, C) and sample counts (h * w,) over the window, row-major."""
     C = values.shape[1]
-    acc = torch.zeros(size * size, C, dtype=torch.float64)
-    cnt = torch.zeros(size * size, dtype=torch.float64)
+    c0, r0, c1, r1 = window
+    acc = torch.zeros((r1 - r0) * (c1 - c0), C, dtype=torch.float32)
+    cnt = torch.zeros((r1 - r0) * (c1 - c0), dtype=torch.float32)
     for s in range(0, tris.shape[0], _CHUNK):
         t = tris[s:s + _CHUNK]
         p = q[t]  # (T, 3, 2)
@@ -137,26 +139,36 @@ def rasterise(q: torch.Tensor, values: torch.Tensor, tris: torch.Tensor, size: i
         if t.shape[0] == 0:
             continue
         vals = values[t]  # (T, 3, C)
-        for dy in range(int(span[:, 1].max())):
-            for dx in range(int(span[:, 0].max())):
-                m = (span[:, 0] > dx) & (span[:, 1] > dy)
-                cx = (lo[m, 0] + dx).double()
-                cy = (lo[m, 1] + dy).double()
-                pm = p[m]
-                w1 = _cross(cx - pm[:, 0, 0], cy - pm[:, 0, 1], pm[:, 2, 0] - pm[:, 0, 0], pm[:, 2, 1] - pm[:, 0, 1])
-                w2 = _cross(pm[:, 1, 0] - pm[:, 0, 0], pm[:, 1, 1] - pm[:, 0, 1], cx - pm[:, 0, 0], cy - pm[:, 0, 1])
-                w1, w2 = w1 / area2[m], w2 / area2[m]
-                w0 = 1.0 - w1 - w2
-                inside = (w0 >= -1e-9) & (w1 >= -1e-9) & (w2 >= -1e-9) & (cx >= 0) & (cy >= 0) \
-                    & (cx < size) & (cy < size)
-                if not inside.any():
-                    continue
-                w = torch.stack([w0, w1, w2], 1)[inside]
-                v = (vals[m][inside] * w[..., None]).sum(1)
-                flat = (cy[inside] * size + cx[inside]).long()
-                acc.index_add_(0, flat, v)
-                cnt.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        # triangles in groups of similar size: each group loops over its own bounding box only
+        big = span.max(1).values
+        for lo_b, hi_b in ((0, 4), (4, 8), (8, 16), (16, 32), (32, 1 << 30)):
+            g = torch.nonzero((big > lo_b) & (big <= hi_b)).squeeze(1)
+            if g.numel():
+                _rasterise_group(p[g], area2[g], lo[g], span[g], vals[g], window, acc, cnt)
     return acc, cnt
+
+
+def _rasterise_group(p, area2, lo, span, vals, window, acc, cnt) -> None:
+    c0, r0, c1, r1 = window
+    for dy in range(int(span[:, 1].max())):
+        for dx in range(int(span[:, 0].max())):
+            m = (span[:, 0] > dx) & (span[:, 1] > dy)
+            cx = (lo[m, 0] + dx).double()
+            cy = (lo[m, 1] + dy).double()
+            pm = p[m]
+            w1 = _cross(cx - pm[:, 0, 0], cy - pm[:, 0, 1], pm[:, 2, 0] - pm[:, 0, 0], pm[:, 2, 1] - pm[:, 0, 1])
+            w2 = _cross(pm[:, 1, 0] - pm[:, 0, 0], pm[:, 1, 1] - pm[:, 0, 1], cx - pm[:, 0, 0], cy - pm[:, 0, 1])
+            w1, w2 = w1 / area2[m], w2 / area2[m]
+            w0 = 1.0 - w1 - w2
+            inside = (w0 >= -1e-9) & (w1 >= -1e-9) & (w2 >= -1e-9) & (cx >= c0) & (cy >= r0) \
+                & (cx < c1) & (cy < r1)
+            if not inside.any():
+                continue
+            w = torch.stack([w0, w1, w2], 1)[inside]
+            v = (vals[m][inside] * w[..., None]).sum(1).float()
+            flat = ((cy[inside] - r0) * (c1 - c0) + cx[inside] - c0).long()
+            acc.index_add_(0, flat, v)
+            cnt.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float32))
 
 
 def _median_edge(q: torch.Tensor, tris: torch.Tensor) -> float:
@@ -254,28 +266,38 @@ def paint_frame(result_dir: str | Path, frame: int, image: str | Path | np.ndarr
         tris = tris_all[rec[tris_all].any(1)]
         max_edge = max(_MIN_EDGE_CAP, _EDGE_FACTOR * _median_edge(q, tris_all[rec[tris_all].all(1)]))
         tris = tris[painted[tris].any(1)]  # only triangles that carry paint
-        acc, cnt = rasterise(q, values, tris, S, max_edge)
+        if tris.shape[0] == 0 and not bool((rec & painted).any()):
+            continue
+        # the atlas window the paint can reach: around its triangles and painted pixels
+        reach = torch.cat([q[tris.reshape(-1)], q[rec & painted]])
+        reach = reach[torch.isfinite(reach).all(1)]
+        if reach.shape[0] == 0:
+            continue
+        c0, r0 = (int(v) for v in torch.floor(reach.amin(0)).clamp(0, S - 1))
+        c1, r1 = (int(v) + 2 for v in torch.floor(reach.amax(0)).clamp(0, S - 1))
+        c1, r1 = min(c1, S), min(r1, S)
+        acc, cnt = rasterise(q, values, tris, (c0, r0, c1, r1), max_edge)
         # each received pixel also at its nearest texel: the box filter of a minified atlas
         pix = torch.nonzero(rec & torch.isfinite(q).all(1)).squeeze(1)
         near = torch.round(q[pix]).long()
-        inb = (near >= 0).all(1) & (near < S).all(1)
-        flat = near[inb, 1] * S + near[inb, 0]
-        acc.index_add_(0, flat, values[pix[inb]])
-        cnt.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float64))
-        new = torch.where(cnt[:, None] > 0, acc / cnt.clamp(min=1)[:, None], torch.zeros_like(acc))
-        new = new.view(S, S, 4).numpy()
+        inb = (near[:, 0] >= c0) & (near[:, 0] < c1) & (near[:, 1] >= r0) & (near[:, 1] < r1)
+        flat = (near[inb, 1] - r0) * (c1 - c0) + near[inb, 0] - c0
+        acc.index_add_(0, flat, values[pix[inb]].float())
+        cnt.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float32))
+        new = (acc / cnt.clamp(min=1)[:, None]).view(r1 - r0, c1 - c0, 4).double().numpy()  # premultiplied
         rgba, top = existing.get(i, (np.zeros((S, S, 4), np.uint16), 65535))
-        touched = new[..., 3] > 0.5 / top
+        touched = new[..., 3] > 0.5 / top  # within the window
         if not touched.any():
             continue
-        old = rgba[touched].astype(np.float64) / top
+        merged = rgba.copy()
+        region = merged[r0:r1, c0:c1]
+        old = region[touched].astype(np.float64) / top
         a_n = new[touched, 3:4]
         a_o = old[:, 3:4]
-        a_out = a_n + a_o * (1.0 - a_n)
+        a_out = a_n + a_o * (1.0 - a_n)  # new paint OVER the paint already there
         pm_out = new[touched, :3] + old[:, :3] * a_o * (1.0 - a_n)
         rgb_out = np.where(a_out > 0, pm_out / np.maximum(a_out, 1e-12), 0.0)
-        merged = rgba.copy()
-        merged[touched] = np.floor(np.clip(np.concatenate([rgb_out, a_out], 1), 0, 1) * top + 0.5).astype(rgba.dtype)
+        region[touched] = np.floor(np.clip(np.concatenate([rgb_out, a_out], 1), 0, 1) * top + 0.5).astype(rgba.dtype)
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(merged[..., [2, 1, 0, 3]]))
         if not ok:
             raise OutputError(f"could not encode the edit layer for layer {i}")
