@@ -51,21 +51,13 @@ class FrameMaps:
 def read_frame(maps: preview.Maps, frame: int) -> FrameMaps:
     sts, alphas = [], []
     for m in maps.layers:
-        path = m.stmap.replace(f"{0:05d}.exr", f"{frame:05d}.exr")
+        path = m.stmap_pattern % frame
         if not os.path.isfile(path):
             raise FramePaintError(f"the map {path} is missing", preview.MAPS_HINT.format(out=maps.folder))
-        img = bpy.data.images.load(path, check_existing=False)
-        try:
-            img.colorspace_settings.name = "Non-Color"
-            img.alpha_mode = "CHANNEL_PACKED"
-            w, h = img.size
-            if (w, h) != (maps.width, maps.height):
-                raise FramePaintError(f"{path} is {w}x{h}, the maps {maps.width}x{maps.height}")
-            a = np.empty(w * h * 4, np.float32)
-            images._pixels(img).foreach_get(a)
-        finally:
-            bpy.data.images.remove(img)
-        a = a.reshape(h, w, 4)
+        a = images.file_pixels(path)
+        h, w = a.shape[:2]
+        if (w, h) != (maps.width, maps.height):
+            raise FramePaintError(f"{path} is {w}x{h}, the maps {maps.width}x{maps.height}")
         sts.append(a[..., :2])
         alphas.append(a[..., 3])
     return FrameMaps(np.stack(sts), np.stack(alphas), tuple(m.atlas_size for m in maps.layers))
@@ -160,7 +152,8 @@ def _material(name: str, shot: str, edit: bpy.types.Image, plate: Optional[bpy.t
     return mat
 
 
-def _plate_image(job: NA_JobItem, shot: str, frame: int) -> Optional[bpy.types.Image]:
+def plate_image(job: NA_JobItem, shot: str, frame: int) -> Optional[bpy.types.Image]:
+    """The source frame ``frame`` of the shot as an image (tagged: ``remove`` takes it away)."""
     plate = preview.plate_of(job.out_dir)
     if plate.movie:
         img = bpy.data.images.load(plate.path, check_existing=False)
@@ -216,7 +209,7 @@ def setup(scene: bpy.types.Scene, job: NA_JobItem, timeline_frame: int, layer: i
     name = f"NA {job.label} frame paint"
     me = build_mesh(name, fm, layer, step)
     me[KEY] = job.shot
-    plate = _plate_image(job, job.shot, f)
+    plate = plate_image(job, job.shot, f)
     for m in maps.layers:
         me.materials.append(_material(f"{name} {m.index}", job.shot, edits[m.index], plate))
     ob = bpy.data.objects.new(name, me)

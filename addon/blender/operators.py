@@ -408,6 +408,90 @@ class NA_OT_frame_paint_end(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class NA_OT_paint_image_new(bpy.types.Operator):
+    """A transparent image of the shot's working size for painting over the current frame in the
+    Image Editor (the frame is its clone/stencil reference); then Project Paint from Image"""
+
+    bl_idname = "neural_atlas.paint_image_new"
+    bl_label = "New Paint Image for Frame"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        try:
+            plate = preview.plate_of(job.out_dir)
+            maps = preview.read_maps(job.out_dir)
+        except preview.PreviewError as e:
+            return _fail(self, e.message, e.hint)
+        frame = scene.frame_current
+        img = bpy.data.images.new(f"NA {job.label} paint frame {frame}", maps.width, maps.height, alpha=True)
+        images._pixels(img).foreach_set([0.0] * (maps.width * maps.height * 4))
+        img.update()
+        img["neural_atlas_paint_frame"] = frame
+        ref = None
+        if not plate.movie:
+            ref = frame_paint.plate_image(job, job.shot, frame - frame_paint.first_frame(job))
+        ip = scene.tool_settings.image_paint
+        if ref is not None:
+            ip.clone_image = ref
+        for _win, area in vse.iter_areas("IMAGE_EDITOR"):
+            sp = area.spaces.active
+            if isinstance(sp, bpy.types.SpaceImageEditor):
+                sp.image = img
+                sp.ui_mode = "PAINT"
+                break
+        self.report({"INFO"}, f"Paint on '{img.name}' (transparent = no paint), then Project Paint from Image")
+        return {"FINISHED"}
+
+
+class NA_OT_project_paint(bpy.types.Operator):
+    """Send an RGBA image painted over a frame to the backend: each stroke lands in the edit image
+    of the layer that owns the pixel (or the chosen layer), colour divided by the plate's lighting"""
+
+    bl_idname = "neural_atlas.project_paint"
+    bl_label = "Project Paint from Image"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    image: StringProperty(name="Image", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    frame: IntProperty(default=-1, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    layer: IntProperty(default=-2, min=-2, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    wait: BoolProperty(default=False, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    timeout: FloatProperty(default=0.0, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None:
+            return _fail(self, "no decomposition selected")
+        img = bpy.data.images.get(self.image) if self.image else getattr(context.space_data, "image", None)
+        if img is None:  # from the VSE: the newest paint image made for this shot's frames
+            made = [i for i in bpy.data.images if i.get("neural_atlas_paint_frame") is not None
+                    and i.name.startswith(f"NA {job.label} paint frame")]
+            img = made[-1] if made else None
+        if img is None:
+            return _fail(self, "no paint image", "Open the painted image in the Image Editor or name it")
+        frame = self.frame
+        if frame < 0:
+            frame = int(img.get("neural_atlas_paint_frame", scene.frame_current))
+        layer = self.layer
+        if layer == -2:
+            rec = settings(scene).shots.get(job.shot)
+            layer = int(rec.paint_layer) if rec is not None else -1
+        try:
+            r = actions.project_paint(scene, job, img, frame, layer)
+        except actions.ActionError as e:
+            return _fail(self, e.message, e.hint)
+        except J.SessionError as e:
+            return _fail(self, e.message, e.hint)
+        if self.wait:
+            return _wait(self, r, self.timeout)
+        return {"FINISHED"}
+
+
 class NA_OT_open_log(bpy.types.Operator):
     """Open the backend's log file"""
 
@@ -457,4 +541,4 @@ class NA_OT_mask_remove(bpy.types.Operator):
 CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_wait,
            NA_OT_cancel, NA_OT_remove_job, NA_OT_load_atlases, NA_OT_paint_setup, NA_OT_save_edits,
            NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove, NA_OT_preview,
-           NA_OT_frame_paint, NA_OT_frame_paint_end)
+           NA_OT_frame_paint, NA_OT_frame_paint_end, NA_OT_paint_image_new, NA_OT_project_paint)

@@ -159,6 +159,11 @@ def draw_shot_edits(layout: bpy.types.UILayout, job: NA_JobItem) -> None:
     if any(o.get(frame_paint.KEY) == job.shot for o in bpy.data.objects):
         op = row.operator("neural_atlas.frame_paint_end", text="", icon="CHECKMARK")
         op.job_id = job.job_id
+    row = layout.row(align=True)
+    op = row.operator("neural_atlas.paint_image_new", text="New Paint Image", icon="IMAGE_DATA")
+    op.job_id = job.job_id
+    op = row.operator("neural_atlas.project_paint", text="Project", icon="EXPORT")
+    op.job_id = job.job_id
     if rec is None:
         return
     layout.prop(rec, "paint_layer")

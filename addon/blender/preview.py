@@ -70,8 +70,17 @@ class PreviewError(Exception):
 class MapLayer:
     index: int
     atlas_size: int
-    stmap: str  # first file of the STMap sequence (frame 0)
-    residual: str
+    stmap_pattern: str  # path with %05d for the decomposition frame
+    residual_pattern: str
+
+    @property
+    def stmap(self) -> str:
+        """The first file of the STMap sequence (frame 0)."""
+        return self.stmap_pattern % 0
+
+    @property
+    def residual(self) -> str:
+        return self.residual_pattern % 0
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,9 @@ def read_maps(out_dir: str, prefer_source: bool = False) -> Maps:
         layers = []
         for entry in meta["layers"]:
             i = int(entry["index"])
-            st = os.path.join(folder, meta["stmap"].format(layer=i) % 0)
-            rs = os.path.join(folder, meta["residual"].format(layer=i) % 0)
-            for p in (st, rs):
+            st = os.path.join(folder, meta["stmap"].format(layer=i))
+            rs = os.path.join(folder, meta["residual"].format(layer=i))
+            for p in (st % 0, rs % 0):
                 if not os.path.isfile(p):
                     raise PreviewError(f"the map {p} is missing", MAPS_HINT.format(out=out_dir))
             layers.append(MapLayer(i, int(entry["atlas_size"]), st, rs))
@@ -388,17 +397,8 @@ def atlas_values(atlas: bpy.types.Image) -> np.ndarray:
     """The atlas PNG's raw RGB (S, S, 3), as the backend reads it: a Non-Color, channel-packed
     read of the file (never the artist's image, whose colour Blender linearises and whose RGB it
     premultiplies by alpha = seen, losing T where nothing was seen)."""
-    path = bpy.path.abspath(atlas.filepath_raw or atlas.filepath)
-    tmp = bpy.data.images.load(path, check_existing=False)
-    try:
-        tmp.colorspace_settings.name = "Non-Color"
-        tmp.alpha_mode = "CHANNEL_PACKED"
-        w, h = tmp.size
-        a = np.empty(w * h * 4, np.float32)
-        images._pixels(tmp).foreach_get(a)
-    finally:
-        bpy.data.images.remove(tmp)
-    return np.ascontiguousarray(a.reshape(h, w, 4)[..., :3])
+    a = images.file_pixels(atlas.filepath_raw or atlas.filepath)
+    return np.ascontiguousarray(a[..., :3])
 
 
 def _encoded(img: bpy.types.Image) -> np.ndarray:

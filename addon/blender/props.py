@@ -52,6 +52,8 @@ class NA_JobItem(bpy.types.PropertyGroup):
     parent: StringProperty()  # type: ignore[valid-type]
     render_strip: StringProperty()  # type: ignore[valid-type]
     placed: BoolProperty()  # type: ignore[valid-type]
+    # a paint_frame job: the folder with what it painted over (to tell its paint from the rest)
+    paint_base: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
 
 
 class NA_EditLayer(bpy.types.PropertyGroup):

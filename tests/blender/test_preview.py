@@ -304,3 +304,58 @@ def test_frame_paint_mesh_lands_on_the_owner_layers_texels(na, shot):
     assert tuple(uvs[ls[fi]]) == pytest.approx(((u + 1) / 2, (1 - v) / 2), abs=1e-5)
     assert bpy.ops.neural_atlas.frame_paint_end(job_id=job.job_id) == {"FINISHED"}
     assert not any(o.get(fp.KEY) for o in bpy.data.objects)
+
+
+def test_project_paint_from_image_lands_in_the_owner_layer_and_shows_in_the_preview(na, shot):
+    """The headless stand-in for a brush stroke on a frame (Texture Paint cannot run in the bpy
+    module: paint.image_paint segfaults there): an RGBA paint image over frame f, projected by
+    the backend's paint_frame job, merged into the edit images in memory."""
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    t0 = B.lifetime.first_frame(job)
+    f = 6
+    scene.frame_set(t0 + f)
+    assert bpy.ops.neural_atlas.paint_image_new(job_id=job.job_id) == {"FINISHED"}
+    paint = next(i for i in bpy.data.images if i.get("neural_atlas_paint_frame") == t0 + f)
+    assert tuple(paint.size) == (64, 36)
+    # bad input first: another size is refused and nothing is sent or changed
+    wrong = bpy.data.images.new("wrong size", 32, 18, alpha=True)
+    edits = {int(e[B.images.KEY_LAYER]): e for e in B.images.job_images(job.shot, "edit")}
+    before = {i: B.images.to_array(e).copy() for i, e in edits.items()}
+    n_jobs = len(B.props.settings(scene).jobs)
+    with pytest.raises(RuntimeError, match="32x18.*refused"):
+        bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=wrong.name, frame=t0 + f)
+    with pytest.raises(RuntimeError, match="outside the shot"):
+        bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=paint.name, frame=t0 + 40)
+    assert len(B.props.settings(scene).jobs) == n_jobs
+    assert all(np.array_equal(before[i], B.images.to_array(e)) for i, e in edits.items())
+    bpy.data.images.remove(wrong)
+    # a 5 x 5 mark on the frame, where the background owns the pixels
+    alpha = np.load(os.path.join(job.out_dir, "bake", "layer_1_alpha.npy"))[f].astype(np.float32)
+    y, x = 18, 32
+    assert alpha[y, x] > 0.5
+    a = np.zeros((36, 64, 4), np.float32)
+    a[y - 2:y + 3, x - 2:x + 3] = (0.05, 0.95, 0.95, 1.0)
+    B.images.write_array(paint, a)
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON") == {"FINISHED"}
+    plain = _render(scene, t0 + f, "unprojected")
+    assert bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=paint.name, wait=True,
+                                              timeout=300) == {"FINISHED"}
+    pj = _job(na, scene, "paint_frame")
+    assert pj.state == "done" and not pj.error, (pj.error, pj.hint)
+    after = {i: B.images.to_array(e) for i, e in edits.items()}
+    changed = {i: int(np.any(after[i] != before[i], -1).sum()) for i in edits}
+    # the background owns the pixels (the object's layer may share its soft edge, the backend's rule)
+    assert changed[1] > 0 and changed[1] >= changed[0], changed
+    assert edits[1].is_dirty  # in memory; nothing reloaded, Render Edit / save writes it
+    # the preview (synced when the job's paint was merged) shows the mark where it was painted
+    got = _render(scene, t0 + f, "projected")
+    d = np.abs(got - plain).max(-1)
+    assert d[y - 2:y + 3, x - 2:x + 3].mean() > 0.1
+    far = np.ones_like(d, bool)
+    far[y - 5:y + 6, x - 5:x + 6] = False
+    # (far pixels may see the same texels where the tiny test decomposition's mapping folds)
+    assert d[far].mean() * 20 < d[y - 2:y + 3, x - 2:x + 3].mean()
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}
