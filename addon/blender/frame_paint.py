@@ -26,6 +26,7 @@ import bpy
 import numpy as np
 
 from . import images, preview
+from .paint import image_node, node_material
 from .lifetime import first_frame
 from .props import NA_JobItem
 
@@ -117,29 +118,14 @@ def build_mesh(name: str, fm: FrameMaps, layer: int = -1, step: int = 1) -> bpy.
 
 def _material(name: str, shot: str, edit: bpy.types.Image, plate: Optional[bpy.types.Image]) -> bpy.types.Material:
     """Shows the frame with the layer's edit over it; the edit image is the active paint slot."""
-    mat = bpy.data.materials.new(name)
+    mat, nt = node_material(name, reuse=False)
     mat[KEY] = shot
-    if not mat.node_tree:  # Blender < 5.0
-        mat.use_nodes = True
-    nt = mat.node_tree
-    assert nt is not None
-    nt.nodes.clear()
     out = nt.nodes.new("ShaderNodeOutputMaterial")
     emit = nt.nodes.new("ShaderNodeEmission")
-    uv_atlas = nt.nodes.new("ShaderNodeUVMap")
-    uv_atlas.uv_map = "Atlas"  # type: ignore[attr-defined]
-    t_edit = nt.nodes.new("ShaderNodeTexImage")
-    t_edit.image = edit  # type: ignore[attr-defined]
-    t_edit.label = "Edit (paint here)"
-    nt.links.new(uv_atlas.outputs["UV"], t_edit.inputs["Vector"])
+    t_edit = image_node(nt, edit, "Edit (paint here)", "Atlas")
     color = t_edit.outputs["Color"]
     if plate is not None:
-        uv_frame = nt.nodes.new("ShaderNodeUVMap")
-        uv_frame.uv_map = "Frame"  # type: ignore[attr-defined]
-        t_plate = nt.nodes.new("ShaderNodeTexImage")
-        t_plate.image = plate  # type: ignore[attr-defined]
-        t_plate.label = "Frame"
-        nt.links.new(uv_frame.outputs["UV"], t_plate.inputs["Vector"])
+        t_plate = image_node(nt, plate, "Frame", "Frame")
         mix = nt.nodes.new("ShaderNodeMix")
         mix.data_type = "RGBA"  # type: ignore[attr-defined]
         nt.links.new(t_edit.outputs["Alpha"], mix.inputs[0])

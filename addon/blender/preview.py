@@ -49,6 +49,7 @@ from ..core import lifetime as L
 from ..core import strips as S
 from . import images, vse
 from .lifetime import first_frame, per_frame
+from .paint import node_material
 from .props import NA_JobItem
 
 KEY = "neural_atlas_preview"  # custom property on everything the preview creates: the shot key
@@ -307,13 +308,8 @@ def _opacity_nodes(nt: bpy.types.NodeTree) -> dict[int, Any]:
 def _material(name: str, shot: str, maps: Maps, plate: Plate, plate_img: bpy.types.Image,
               layers: Sequence[tuple[MapLayer, bpy.types.Image, bpy.types.Image, bpy.types.Image]], t0: int,
               opacity: dict[int, list[float]]) -> bpy.types.Material:
-    mat = bpy.data.materials.new(name)
+    mat, nt = node_material(name, reuse=False)
     _tag(mat, shot)
-    if not mat.node_tree:  # Blender < 5.0
-        mat.use_nodes = True
-    nt = mat.node_tree
-    assert nt is not None
-    nt.nodes.clear()
     g = _Graph(nt)
     uv = g.node("ShaderNodeUVMap", uv_map="UVMap").outputs["UV"]
     F = maps.frames
