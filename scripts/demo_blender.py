@@ -130,9 +130,9 @@ def main() -> int:
 
         # 4a. paint on a frame: the Texture Paint surface of the middle frame, then a stroke on that
         # frame (an RGBA image over it) projected into the layer that owns the pixels
-        t0 = na.blender.lifetime.first_frame(job)
+        first = na.blender.lifetime.first_frame(job)
         n = job.range_stop - job.range_start
-        t_ref = t0 + n // 2
+        t_ref = first + n // 2
         scene.frame_set(t_ref)
         bpy.ops.neural_atlas.frame_paint(job_id=job_id, frame=t_ref)
         mesh = next(o for o in bpy.data.objects if o.get(na.blender.frame_paint.KEY) == job.shot).data
@@ -163,10 +163,10 @@ def main() -> int:
         bpy.ops.neural_atlas.paint_setup(job_id=job_id, layer=layer)
         step(f"painted a {k}x{k} texel mark at row {r0}, col {c0} of '{edit.name}' (unsaved)")
 
-        # 4c. an edit lifetime: the object's edit fades in over the first quarter of the shot
-        rec = props.settings(scene).shots[job.shot]
-        rec.layers["0"].fade_in = max(1, n // 4)
-        step(f"layer 0's edit fades in over {rec.layers['0'].fade_in} frames")
+        # 4c. an edit lifetime: the background's edit fades in over the first quarter of the shot
+        rec = props.settings(scene).shots[job.shot].layers[str(layer)]
+        rec.fade_in = max(1, n // 4)
+        step(f"layer {layer}'s edit fades in over {rec.fade_in} frames")
 
         # 5. Render Edit: saves the edit image, re-renders, places the result above the source
         bpy.ops.neural_atlas.render_edit(job_id=job_id, movie=True)
@@ -188,7 +188,7 @@ def main() -> int:
         frames_out = bpy.path.abspath(placed.directory)
         diffs = []
         for f in (0, n // 2, n - 1):
-            scene.frame_set(t0 + f)
+            scene.frame_set(first + f)
             scene.render.filepath = os.path.join(out, f"preview_{f:05d}.png")
             bpy.ops.render.render(write_still=True)
             got = images.file_pixels(scene.render.filepath)[..., :3]

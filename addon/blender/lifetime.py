@@ -66,9 +66,17 @@ def sample_opacity(scene: bpy.types.Scene, shot: str, layer: int, rec: NA_EditLa
     return [float(fc.evaluate(first_frame + f)) for f in range(n_frames)]
 
 
-def layer_lifetime(rec: NA_EditLayer, first_frame: int) -> L.Lifetime:
+def layer_lifetime(rec: NA_EditLayer, first_frame: int, n_frames: int) -> L.Lifetime:
+    """The record as a core Lifetime in shot frames; range errors are reported in the timeline
+    frames the artist typed."""
     if not rec.use_range:
         return L.Lifetime(fade_in=int(rec.fade_in), fade_out=int(rec.fade_out))
+    a, b = int(rec.frame_start), int(rec.frame_end)
+    if b < a:
+        raise L.LifetimeError(f"the edit's frame range {a}-{b} is empty: the end is before the start")
+    if b < first_frame or a > first_frame + n_frames - 1:
+        raise L.LifetimeError(f"the edit's frame range {a}-{b} is outside the shot's frames "
+                              f"{first_frame}-{first_frame + n_frames - 1}")
     return L.Lifetime(start=L.timeline_to_shot(rec.frame_start, first_frame),
                       end=L.timeline_to_shot(rec.frame_end, first_frame),
                       fade_in=int(rec.fade_in), fade_out=int(rec.fade_out))
@@ -91,7 +99,7 @@ def per_frame(scene: bpy.types.Scene, job: NA_JobItem) -> dict[int, list[float]]
         i = int(item.name)
         curve = sample_opacity(scene, job.shot, i, item, t0, n)
         try:
-            out[i] = L.per_frame_opacity(n, layer_lifetime(item, t0), curve)
+            out[i] = L.per_frame_opacity(n, layer_lifetime(item, t0, n), curve)
         except L.LifetimeError as e:
             raise L.LifetimeError(f"layer {i}: {e}") from None
     return out

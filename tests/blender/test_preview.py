@@ -103,6 +103,19 @@ def test_preview_without_maps_says_how_to_add_them_and_changes_nothing(na, shot)
         assert _datablocks() == before
     finally:
         os.rename(hidden, maps)
+    # a lifetime that ends before it starts: refused with what to fix, by both paths, nothing made
+    rec = na.blender.props.settings(scene).shots[job.shot]
+    item = rec.layers["0"]
+    item.use_range, item.frame_start, item.frame_end = True, 8, 5
+    try:
+        with pytest.raises(RuntimeError, match="layer 0: the edit's frame range 8-5 is empty"):
+            bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON")
+        with pytest.raises(RuntimeError, match="end is before the start"):
+            bpy.ops.neural_atlas.render_edit(job_id=job.job_id)
+        assert _datablocks() == before and _strips(scene) == strips
+        assert len([j for j in na.blender.props.settings(scene).jobs if j.kind == "render"]) == 0
+    finally:
+        item.use_range = False
 
 
 def _paint_and_keyframe(na, scene, job):
