@@ -169,8 +169,9 @@ def remove(shot: str) -> None:
 
 
 def setup(scene: bpy.types.Scene, job: NA_JobItem, timeline_frame: int, layer: int = -1,
-          step: int = 1) -> bpy.types.Object:
-    """Build (or rebuild) the painting surface of ``job``'s shot at ``timeline_frame``."""
+          step: int = 1, link_to: Optional[bpy.types.Scene] = None) -> bpy.types.Object:
+    """Build (or rebuild) the painting surface of ``job``'s shot at ``timeline_frame``; the mesh
+    goes into ``link_to`` (the scene the 3D View shows; default ``scene``)."""
     if job.kind != "decompose" or job.state != "done" or not job.out_dir:
         raise FramePaintError(f"{job.label}: the decomposition is {job.state}", "Wait until it is done")
     try:
@@ -205,8 +206,9 @@ def setup(scene: bpy.types.Scene, job: NA_JobItem, timeline_frame: int, layer: i
     if coll is None:
         coll = bpy.data.collections.new(COLLECTION)
         coll.hide_render = True
-    if coll.name not in scene.collection.children:
-        scene.collection.children.link(coll)
+    target = link_to or scene
+    if coll.name not in target.collection.children:
+        target.collection.children.link(coll)
     coll.objects.link(ob)
     # fit the frame in a 2 x (2 H / W) area around the origin, like the paint planes
     k = 2.0 / max(maps.width, maps.height)

@@ -374,7 +374,7 @@ class NA_OT_frame_paint(bpy.types.Operator):
                 and not bpy.app.background:
             bpy.ops.object.mode_set(mode="OBJECT")  # the old frame's mesh is about to go
         try:
-            ob = frame_paint.setup(scene, job, frame, layer, self.step)
+            ob = frame_paint.setup(scene, job, frame, layer, self.step, link_to=context.scene or scene)
         except frame_paint.FramePaintError as e:
             return _fail(self, e.message, e.hint)
         except preview.PreviewError as e:
