@@ -118,6 +118,9 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-job", type=float, default=1.0, metavar="F", help="ray: each job's CPUs")
     g.add_argument("--ray-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help="ray: a custom resource each job needs (repeatable)")
+    g.add_argument("--max-lost", type=int, default=2, metavar="N",
+                   help="ray: retries of a job whose Ray worker or node died, from its last checkpoint "
+                        "(default 2)")
 
 
 def executor_options(args: argparse.Namespace):
@@ -138,7 +141,7 @@ def executor_options(args: argparse.Namespace):
         raise ValueError(f"--concurrency {concurrency}: must be at least 1")
     return ExecutorOptions(kind=args.executor, concurrency=concurrency, ray_address=args.ray_address,
                            gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
-                           resources=resources)
+                           resources=resources, max_lost=max(0, args.max_lost))
 
 
 def main(argv: list[str] | None = None) -> int:

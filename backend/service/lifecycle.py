@@ -96,6 +96,7 @@ class JobRunner:
                 log.info("job %s: requeued after restart", job["job_id"])
             else:
                 self._finish(job, "cancelled", message="cancelled (backend restarted)")
+        self.executor.recovered()
 
     # ------------------------------------------------------------- timers
     def tick(self, now: float | None = None) -> None:

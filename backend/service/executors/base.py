@@ -106,6 +106,9 @@ class Executor:
         say that it is gone (False: the lifecycle requeues the job)."""
         return False
 
+    def recovered(self) -> None:
+        """Every job of the store has been re-attached or requeued (clean up leftovers)."""
+
     def release(self, job_id: str) -> None:
         """The lifecycle has recorded the job's end: free what the executor still holds."""
 
