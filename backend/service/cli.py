@@ -107,7 +107,8 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
                         "(pip install neural-atlas[ray])")
     g.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="local: jobs at once (default 1), spread over the visible GPUs, several per GPU "
-                        "when N exceeds them; ray: jobs handed to Ray at once (default: no limit)")
+                        "when N exceeds them; ray: jobs handed to Ray at once (default: as many as the "
+                        "cluster's resources hold at once)")
     g.add_argument("--ray-address", default="auto", metavar="ADDR",
                    help="ray: host:port of a running cluster (`ray start --head`), or auto (default): "
                         "start a local Ray with this machine's GPUs. The workspace must be a shared "

@@ -37,12 +37,14 @@ class JobKind:
     resumable: bool = False
 
 
-def config_dict(preset_name: str | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """A validated configuration (``Config.to_dict()``) from a preset and overrides."""
-    from backend.config import preset
+def config_dict(preset_name: str | None, overrides: dict[str, Any] | None,
+                config_file: str | Path | None = None) -> dict[str, Any]:
+    """A validated configuration (``Config.to_dict()``) from a preset (or a config TOML)
+    and overrides."""
+    from backend.config import Config, preset
     from backend.errors import ConfigError
     try:
-        cfg = preset(preset_name or "seed")
+        cfg = Config.load(config_file) if config_file else preset(preset_name or "seed")
         if overrides:
             cfg = cfg.replace(**overrides)
         return cfg.validate().to_dict()

@@ -121,6 +121,7 @@ class JobRunner:
         jid = job["job_id"]
         job["state"], job["error"] = "running", None
         job["attempts"] = int(job.get("attempts") or 0) + 1
+        job.setdefault("started_at", time.time())  # wall clock of the first launch (batch summary)
         self._final.discard(jid)
         try:
             placement = self.executor.launch(job, self.store.job_dir(jid))
@@ -272,6 +273,7 @@ class JobRunner:
     def _finish(self, job: dict[str, Any], state: str, *, message: str = "",
                 error: dict[str, str] | None = None) -> None:
         job["state"] = state
+        job["ended_at"] = time.time()
         if state == "done":
             job["phase"], job["fraction"], job["eta_s"] = "done", 1.0, 0.0
         if message:
