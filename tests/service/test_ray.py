@@ -19,6 +19,7 @@ import pytest
 from neural_atlas.core import protocol as P
 
 from .conftest import fast
+from .test_engine_wire import _wait_for
 
 pytest.importorskip("ray", reason="the Ray executor's tests need `pip install neural-atlas[ray]`")
 
@@ -29,17 +30,9 @@ def _ray_server(server_factory, head, *extra, **kw):
 
 
 def _until(c, job, pred, timeout=120.0):
-    """Poll the client's pushes until pred(JobInfo) holds; fail if the job ends first."""
-    deadline = time.monotonic() + timeout
+    """Watch the job and poll its pushes until pred(JobInfo) holds (fails if it ends first)."""
     c.status(job, watch=True)
-    while time.monotonic() < deadline:
-        c.poll(0.1)
-        info = c.jobs.get(job) or {}
-        if pred(info):
-            return info
-        if info.get("state") in P.TERMINAL_STATES:
-            raise AssertionError(f"job ended early: {info}")
-    raise AssertionError(f"timed out; last {c.jobs.get(job)}")
+    return _wait_for(c, job, pred, timeout)
 
 
 def _training(i):

@@ -124,6 +124,21 @@ class Executor:
         """The service stops (every job has ended or been handed back)."""
 
 
+def read_events(stream, post) -> None:
+    """Read a worker's JSON-line events from ``stream`` until it closes; ``post(event)`` each
+    (over-long or malformed lines are dropped)."""
+    import json
+    for line in stream:
+        if len(line) > 1_000_000:
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            post(ev)
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of worker and probe processes: ours, with this backend importable."""
     import backend

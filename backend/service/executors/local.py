@@ -13,14 +13,13 @@ is always False here).
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
-from .base import Executor, ExecutorError, Mailbox, child_env, worker_command
+from .base import Executor, ExecutorError, Mailbox, child_env, read_events, worker_command
 
 
 class _Worker:
@@ -82,15 +81,7 @@ class LocalExecutor(Executor):
     def _read(self, w: _Worker) -> None:
         """Forward the worker's JSON lines; when its stdout closes, wait for it and post ``exit``."""
         assert self.mailbox is not None
-        for line in w.proc.stdout:
-            if len(line) > 1_000_000:
-                continue
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(ev, dict):
-                self.mailbox.put(w.job_id, ev)
+        read_events(w.proc.stdout, lambda ev: self.mailbox.put(w.job_id, ev))
         code = w.proc.wait()
         self.mailbox.put(w.job_id, {"event": "exit", "code": code, "lost": False, "reason": ""})
 

@@ -24,7 +24,6 @@ cancel travel exactly as for local jobs. Cancel writes ``cancel`` to the worker'
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .base import Executor, ExecutorError, Mailbox, child_env, worker_command
+from .base import Executor, ExecutorError, Mailbox, child_env, read_events, worker_command
 
 NAMESPACE = "neural-atlas"
 ACTOR_PREFIX = "neural-atlas-"
@@ -100,17 +99,12 @@ class JobHost:
 
     def _read(self) -> None:
         proc = self._proc
-        for line in proc.stdout:
-            if len(line) > 1_000_000:
-                continue
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(ev, dict):
-                if ev.get("event") == "start":
-                    ev["placement"] = self._placement
-                self._post(ev)
+
+        def post(ev: dict[str, Any]) -> None:
+            if ev.get("event") == "start":
+                ev["placement"] = self._placement
+            self._post(ev)
+        read_events(proc.stdout, post)
         code = proc.wait()
         self._post({"event": "exit", "code": code, "lost": False, "reason": ""})
 
