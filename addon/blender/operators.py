@@ -184,8 +184,10 @@ class NA_OT_decompose_selected(_SubmitOptions, bpy.types.Operator):
                 failed.append(f"{strip.name}: {getattr(e, 'message', str(e))}")
             except (J.SessionError, launcher.LaunchError) as e:
                 return _fail(self, getattr(e, "message", str(e)), getattr(e, "hint", ""))
-        if failed:
-            self.report({"WARNING"}, f"Not submitted: {'; '.join(failed)}")
+        if failed:  # kept in the panel's error line too: a report vanishes quickly
+            rt = runtime.get()
+            rt.last_error, rt.last_hint = f"Not submitted: {'; '.join(failed)}", "the other strips were submitted"
+            self.report({"WARNING"}, rt.last_error)
         if not jobs:
             return _fail(self, "No strip could be submitted", "; ".join(failed))
         if self.wait:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
+
 from conftest import TMP, tick_until, tiny_overrides, use_local_backend
 
 
@@ -39,6 +41,8 @@ def test_decompose_selected_strips_submits_each_and_lists_them(fresh, na, clip):
         jobs = list(st.jobs)
         assert sorted(j.strip_name for j in jobs) == sorted(s.name for s in strips[:2])
         assert all(j.mask_count == 1 and j.state == "submitting" for j in jobs)  # the clip's own masks
+        err = na.blender.runtime.get().last_error
+        assert err.startswith("Not submitted: shot3:") and gone in err, err  # the others went on
         tick_until(na, lambda: all(j.state in ("done", "failed", "cancelled") for j in st.jobs), 400)
         for j in st.jobs:
             assert j.state == "done", (j.label, j.error, j.hint)
@@ -47,7 +51,8 @@ def test_decompose_selected_strips_submits_each_and_lists_them(fresh, na, clip):
         # nothing selected: a clear message, no job
         for s in vse.all_strips(scene):
             s.select = False
-        assert bpy.ops.neural_atlas.decompose_selected() == {"CANCELLED"}
+        with pytest.raises(RuntimeError, match="No movie or image strips selected"):
+            bpy.ops.neural_atlas.decompose_selected()
         assert len(st.jobs) == 2
     finally:
         na.blender.runtime.shutdown()
