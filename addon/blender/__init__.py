@@ -7,9 +7,9 @@ import atexit
 
 import bpy
 
-from . import masks, operators, paint, panels, prefs, props, runtime  # noqa: F401
+from . import masks, operators, paint, panels, prefs, props, runtime, setup_backend  # noqa: F401
 
-_CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES)
+_CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES, *setup_backend.CLASSES)
 
 
 @bpy.app.handlers.persistent
@@ -44,11 +44,14 @@ def register() -> None:
     if _load_post not in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.append(_load_post)
     atexit.register(runtime.shutdown)
+    atexit.register(setup_backend.shutdown)
 
 
 def unregister() -> None:
+    setup_backend.shutdown()  # interrupts a running pip
     runtime.reset()  # stops the timer, closes the socket, stops a local backend
     atexit.unregister(runtime.shutdown)
+    atexit.unregister(setup_backend.shutdown)
     for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post)):
         if fn in lst:
             lst.remove(fn)

@@ -32,6 +32,10 @@ class NA_PT_backend(_AtlasPanel, bpy.types.Panel):
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         runtime.draw_connection(layout, runtime.get())
+        from . import setup_backend
+        from .prefs import prefs
+
+        setup_backend.draw_hint(layout, prefs(context))
         row = layout.row(align=True)
         row.operator("neural_atlas.backend_start", text="Start", icon="PLAY")
         row.operator("neural_atlas.backend_stop", text="Stop", icon="X")

@@ -10,6 +10,7 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 
 from .. import __package__ as base_package
 from . import launcher
+from .setup_backend import SetupPreferences
 
 PRESET_ITEMS = [
     ("demo", "Demo", "Small model for a quick CPU preview (minutes on a laptop)"),
@@ -38,7 +39,7 @@ def user_dir() -> str:
         return d or os.path.join(tempfile.gettempdir(), "neural_atlas")
 
 
-class NA_Preferences(bpy.types.AddonPreferences):
+class NA_Preferences(SetupPreferences, bpy.types.AddonPreferences):
     bl_idname = base_package
 
     endpoint: StringProperty(  # type: ignore[valid-type]
@@ -77,7 +78,10 @@ class NA_Preferences(bpy.types.AddonPreferences):
     def draw(self, context: bpy.types.Context) -> None:
         from . import runtime
 
+        from . import setup_backend
+
         layout = self.layout
+        setup_backend.draw(layout, self)  # Set up backend: the artist's first step
         col = layout.column()
         col.prop(self, "endpoint")
         col.prop(self, "keys_dir")

@@ -113,7 +113,13 @@ def start_backend(context: Optional[bpy.types.Context] = None) -> launcher.Local
         except (OSError, KeyFileError) as e:
             raise launcher.LaunchError(f"cannot create the signing key: {e}") from None
         ws = p.workspace_path()
-        _RT.backend = launcher.start(bpy.path.abspath(p.backend_python), p.backend_args, p.endpoint,
+        from . import setup_backend
+
+        python = bpy.path.abspath(p.backend_python) if p.backend_python else setup_backend.ready_python()
+        if not python:
+            raise launcher.LaunchError("no backend is set up: Preferences > Add-ons > Neural Atlas > Set up "
+                                       "Backend (or set Backend Python to an environment with the backend)")
+        _RT.backend = launcher.start(python, p.backend_args, p.endpoint,
                                      os.path.join(ws, "backend"), p.log_path(),
                                      keys_dir=bpy.path.abspath(p.keys_dir) if p.keys_dir else "",
                                      allow_roots=[ws, os.path.expanduser("~")])

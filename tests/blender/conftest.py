@@ -50,8 +50,10 @@ def free_port() -> int:
 
 def linux_zip() -> str:
     zips = sorted(glob.glob(os.path.join(ROOT, "dist", "neural_atlas-*-linux_x64.zip")))
-    newest_src = max(os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "addon", "**", "*.py"),
-                                                              recursive=True) + [os.path.join(ROOT, "blender_manifest.toml")])
+    # the zip also ships the backend wheel (backend_dist/): its sources count too
+    sources = [p for d in ("addon", "backend") for p in glob.glob(os.path.join(ROOT, d, "**", "*.py"), recursive=True)]
+    newest_src = max(os.path.getmtime(p) for p in sources + [os.path.join(ROOT, "blender_manifest.toml"),
+                                                             os.path.join(ROOT, "pyproject.toml")])
     if not zips or os.path.getmtime(zips[-1]) < newest_src:
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_extension"), "--no-universal"],
                        check=True, capture_output=True)
