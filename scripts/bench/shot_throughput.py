@@ -2,7 +2,7 @@
 """Shots per hour on one GPU: the same small shots one after another, then 2 and 4 at a time.
 
     python3 scripts/bench/shot_throughput.py --clip data/tennis --shots 4 --rounds 1,2,4 \
-        --preset fast --iterations 600 --json "$OUT/shot_throughput.json"
+        --preset fast --iterations 300 --json "$OUT/shot_throughput.json"
     python3 scripts/bench/shot_throughput.py --clip synthetic --size 96x64 --frames 8 \
         --preset demo --iterations 30 --device cpu          # a smoke run on a CPU machine
 
@@ -130,13 +130,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--rounds", default="1,2,4", help="jobs at once per round; the first is the baseline")
     ap.add_argument("--preset", default="fast")
-    ap.add_argument("--iterations", type=int, default=600,
-                    help="per shot (fast on the H200: ~9 s of training + 8.6 s pretraining, ~30 s a job)")
+    ap.add_argument("--iterations", type=int, default=300,
+                    help="per shot (fast on the H200: ~5 s of training after 8.6 s of pretraining; ~20 s a job "
+                         "with loading, flow and export)")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="0: the preset's")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--warmup", type=int, default=20,
-                    help="iterations of one shot (5 of pretraining) run first and not counted: it fills the "
-                         "Triton kernel cache that every later worker process reuses; 0: none")
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="iterations of one shot (at most 2 of pretraining) run first and not counted: it fills "
+                         "the Triton kernel cache that every later worker process reuses; 0: none")
     ap.add_argument("--json", type=Path, default=None, help="write the results here (after every round)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs (default: removed)")
     args = ap.parse_args(argv)
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
             warm = argparse.Namespace(**{**vars(args), "iterations": args.warmup})
             with open(w / "batch.log", "w", encoding="utf-8") as logf:
                 code = run_batch(shot_list(w / "shots.toml", clip, masks, 1, w / "atlases", warm,
-                                           pretrain_iterations=min(5, args.warmup)),
+                                           pretrain_iterations=min(2, args.warmup)),
                                  ExecutorOptions(kind="local", concurrency=1), w / "work", stream=logf, tty=False)
             result["warmup_seconds"] = time.perf_counter() - t0
             print(f"warm-up shot ({args.warmup} iterations, not counted): {result['warmup_seconds']:.1f} s, "
