@@ -149,10 +149,8 @@ class JobRunner:
             ck = ev.get("checkpoint")
             if ck is not None:
                 job["resumed_from"] = ck
-            if isinstance(ev.get("placement"), dict):
+            if isinstance(ev.get("placement"), dict):  # what the host learnt when it started (Ray)
                 job["placement"] = {**(job.get("placement") or {}), **ev["placement"]}
-            elif ev.get("pid") and isinstance(job.get("placement"), dict):
-                job["placement"]["worker_pid"] = ev["pid"]
             if job.get("phase") == "queued":
                 job["phase"] = "load"
             job["message"] = f"resuming from iteration {ck}" if ck else "started"
