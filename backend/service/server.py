@@ -701,6 +701,28 @@ class Server:
 
     def _h_render(self, ident: bytes, msg: P.Message):
         b = msg.body
+
+        def place(spec, paths):
+            spec["edits"] = {k: paths[f"edit {k}"] for k in b["edits"]}
+        return self._child_job(ident, b, "render", {f"edit {k}": v for k, v in b["edits"].items()},
+                               {"mode": b.get("mode", "delta"), "frame_range": b.get("frame_range"),
+                                "formats": b.get("formats") or ["png", "mp4"], "opacity": b.get("opacity")},
+                               "render of", place)
+
+    def _h_paint_frame(self, ident: bytes, msg: P.Message):
+        """Paint on a frame of a done decomposition: a job whose out/edits/ are the painted layers."""
+        b = msg.body
+        edits = b.get("edits") or {}
+
+        def place(spec, paths):
+            spec["image"] = paths["image"]
+            spec["edits"] = {k: paths[f"edit {k}"] for k in edits}
+        return self._child_job(ident, b, "paint_frame", {"image": b["image"], **{f"edit {k}": v for k, v in edits.items()}},
+                               {"frame": b["frame"], "layer": b.get("layer")}, f"paint on frame {b['frame']} of", place)
+
+    def _child_job(self, ident: bytes, b: dict, kind: str, sources: dict, spec: dict, name: str, place):
+        """Queue a ``kind`` job on a finished decomposition (render, paint_frame), idempotent by
+        token; ``place(spec, paths)`` puts the sources' materialized paths into the spec."""
         old = self.store.by_token(b.get("token"))
         if old is not None:
             if b.get("watch", True):
@@ -709,15 +731,12 @@ class Server:
         parent = self._job(b["job_id"])
         if parent["kind"] != "decompose" or parent["state"] != "done":
             raise ProtocolError("bad_state", f"job {parent['job_id']} is a {parent['kind']} job in state "
-                                f"{parent['state']}; render needs a finished decomposition")
-        sources = {f"edit {k}": v for k, v in b["edits"].items()}
+                                f"{parent['state']}; {kind} needs a finished decomposition")
         resolved, used = self._resolve_sources(sources)
-        spec = {"parent_out": str(self.store.out_dir(parent["job_id"])), "mode": b.get("mode", "delta"),
-                "frame_range": b.get("frame_range"), "formats": b.get("formats") or ["png", "mp4"]}
-        job = self.store.create("render", spec, token=b.get("token"), parent=parent["job_id"],
-                                name=b.get("name") or f"render of {parent.get('name') or parent['job_id']}")
-        paths = self._materialize(job, resolved, used)
-        spec["edits"] = {k: paths[f"edit {k}"] for k in b["edits"]}
+        spec = {"parent_out": str(self.store.out_dir(parent["job_id"])), **spec}
+        job = self.store.create(kind, spec, token=b.get("token"), parent=parent["job_id"],
+                                name=b.get("name") or f"{name} {parent.get('name') or parent['job_id']}")
+        place(spec, self._materialize(job, resolved, used))
         self.store.save(job)
         if b.get("watch", True):
             self._watch(ident, [job["job_id"]])

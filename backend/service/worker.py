@@ -142,11 +142,19 @@ def main(argv: list[str] | None = None) -> int:
             elif job["kind"] == "render":
                 events.send("start", checkpoint=None)
                 edits = {int(k): v for k, v in spec["edits"].items()}
+                extra = {"opacity": spec["opacity"]} if spec.get("opacity") else {}
                 res = engine.render_edit(spec["parent_out"], edits, mode=spec.get("mode", "delta"),
                                          frame_range=tuple(spec["frame_range"]) if spec.get("frame_range") else None,
                                          out=out_dir, formats=tuple(spec.get("formats") or ("png", "mp4")),
-                                         progress=progress, cancel=cancel)
+                                         progress=progress, cancel=cancel, **extra)
                 result = {"out_dir": str(out_dir), **(_clean(res) if isinstance(res, dict) else {})}
+            elif job["kind"] == "paint_frame":
+                events.send("start", checkpoint=None)
+                res = engine.paint_frame(spec["parent_out"], spec["frame"], spec["image"], layer=spec.get("layer"),
+                                         out_edits=out_dir / "edits",
+                                         base_edits={int(k): v for k, v in (spec.get("edits") or {}).items()},
+                                         progress=progress)
+                result = {"out_dir": str(out_dir), **_clean(res)}
             else:
                 raise ValueError(f"unknown job kind {job['kind']!r}")
         except Cancelled as e:
