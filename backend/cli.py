@@ -138,13 +138,41 @@ def cmd_edit(args) -> int:
             raise NeuralAtlasError(f"--layer index must be an integer, got {k!r}") from None
     info = render_edit(args.dir, edits, mode=args.mode, frame_range=_frames(args.frames), out=args.out,
                        formats=tuple(args.format.split(",")), resolution=args.resolution,
-                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(), device=args.device)
+                       progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(), device=args.device,
+                       opacity=_opacity_file(args.opacity))
+    print(json.dumps(info))
+    return EXIT_OK
+
+
+def _opacity_file(path: Optional[Path]):
+    """``edit --opacity FILE``: {"<layer>": [o_0, ...]} or {"<layer>": {"<frame>": o}} (docs/atlas.md)."""
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise NeuralAtlasError(f"cannot read the opacity file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise NeuralAtlasError(f"the opacity file {path} is not JSON: {e}") from None
+
+
+def cmd_paint_frame(args) -> int:
+    from .edit.paint import paint_frame
+    info = paint_frame(args.dir, args.frame, args.image, layer=args.layer, out_edits=args.out_edits,
+                       progress=ConsoleProgress(args.quiet))
     print(json.dumps(info))
     return EXIT_OK
 
 
 def cmd_render(args) -> int:
-    from .pipeline import rerender
+    from .pipeline import rerender, write_maps
+    if args.maps:  # only the EXR maps (docs/atlas.md, "STMaps")
+        folder = write_maps(args.dir, resolution=args.resolution or "working",
+                            progress=ConsoleProgress(args.quiet), device=args.device)
+        print(json.dumps({"out": str(args.dir), "maps": str(folder)}))
+        return EXIT_OK
+    if args.resolution:
+        raise NeuralAtlasError("--resolution goes with --maps (the resolution of the EXR maps to write)")
     out = rerender(args.dir, progress=ConsoleProgress(args.quiet), device=args.device,
                    bake=True if args.bake else None)
     rep = json.loads((out / "report.json").read_text())
@@ -160,6 +188,7 @@ def cmd_demo(args) -> int:
     summary = {k: rep[k] for k in ("psnr", "psnr_no_residual", "alpha_iou", "iterations",
                                    "train_seconds", "total_seconds", "device")}
     summary["edit_drift_px"] = {k: rep["edit_drift_px"][k] for k in ("mean", "max")}
+    summary["frame_paint_drift_px"] = {k: rep["frame_paint_drift_px"][k] for k in ("mean", "max", "owner_ok")}
     summary["edited_video"] = rep["edited"].get("video")
     summary["report"] = str(Path(args.out) / "report.json")
     print(json.dumps(summary, indent=1))
@@ -219,15 +248,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (frames/ and edited.mp4)")
     p.add_argument("--format", default="png,mp4", help="png, mp4 or png,mp4")
     p.add_argument("--resolution", choices=("working", "source"), default="working")
+    p.add_argument("--opacity", type=Path, metavar="OPACITY.json",
+                   help='per-frame opacity of edit layers: {"0": [o_0, ..., o_F-1]} or {"0": {"12": 0.5}}')
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("paint-frame", help="paint on a frame of the shot: the paint lands in the layers' edit images")
+    p.add_argument("dir", type=Path, help="a decomposition folder (with its baked maps)")
+    p.add_argument("--frame", type=int, required=True, metavar="T", help="the painted frame (0-based, as frames/)")
+    p.add_argument("--image", type=Path, required=True, metavar="PAINT.png",
+                   help="RGBA paint over frame T (straight alpha = coverage), working or source resolution")
+    p.add_argument("--layer", type=int, metavar="I", help="send all paint to layer I (default: the layer seen there)")
+    p.add_argument("--out-edits", type=Path, required=True, metavar="DIR",
+                   help="edit layers layer_<i>.png: created transparent or painted over")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_paint_frame)
 
     p = sub.add_parser("render", help="re-export atlases, videos and report from the saved checkpoint")
     p.add_argument("dir", type=Path)
     p.add_argument("--device")
     p.add_argument("--bake", action="store_true",
                    help="write the per-frame maps edits need, even if the decomposition was made without")
+    p.add_argument("--maps", action="store_true",
+                   help="write only the STMap/residual EXR sequences (maps/ or maps_source/)")
+    p.add_argument("--resolution", choices=("working", "source"),
+                   help="with --maps: working (maps/, default) or source (maps_source/) resolution")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_render)
 

@@ -122,6 +122,9 @@ class ExportConfig:
     # per-frame uv/alpha/residual maps the edit path renders from (about 63 MB a frame at 1080p
     # with 2 layers); false: atlases, videos and report only, `render --bake` adds them later
     bake: bool = True
+    # per-frame STMap + residual EXR sequences for Blender and Nuke (docs/atlas.md, "STMaps"):
+    # "working" (maps/, the working resolution), "source" (maps_source/) or "none"
+    maps: str = "working"
     workers: int = 0  # threads encoding and writing the exported frames (0: the cores, at most 8)
 
 
@@ -193,6 +196,8 @@ class Config:
             (self.export.atlas_size == 0 or 16 <= self.export.atlas_size <= 16384,
              "export.atlas_size must be 0 (auto) or 16-16384"),
             (0 <= self.export.workers <= 256, "export.workers must be in 0..256"),
+            (self.export.maps in ("working", "source", "none"),
+             "export.maps must be 'working', 'source' or 'none'"),
         ]
         for grid in (m.texture_grid, m.xyt_grid):
             checks += [

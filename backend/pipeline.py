@@ -11,13 +11,14 @@ from typing import Optional, Sequence
 from .clip import Clip, load_clip, write_json
 from .config import Config
 from .edit.apply import render_edit
-from .errors import CheckpointError, OutputError
+from .edit.paint import paint_frame
+from .errors import CheckpointError, ConfigError, OutputError
 from .export.outputs import export_all
 from .preprocess.flow import compute_flow
 from .progress import CancelToken, Progress, ProgressFn, null_progress
 from .train import Trainer, load_checkpoint, read_meta
 
-__all__ = ["decompose", "rerender", "render_edit", "prepare_output"]
+__all__ = ["decompose", "rerender", "write_maps", "render_edit", "paint_frame", "prepare_output"]
 
 
 def prepare_output(out_dir: str | Path) -> Path:
@@ -148,20 +149,17 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
     return out
 
 
-def rerender(out_dir: str | Path, progress: Optional[ProgressFn] = None,
-             device: Optional[str] = None, bake: Optional[bool] = None) -> Path:
-    """Re-export atlases, videos, bake and report of ``out_dir`` from its saved checkpoint.
-
-    ``bake`` overrides the saved ``export.bake`` (True: write the per-frame maps edits need)."""
-    out = Path(out_dir)
+def _restore(out: Path, device: Optional[str], progress: Optional[ProgressFn] = None,
+             **export) -> tuple[Config, Clip, Trainer]:
+    """The configuration, clip and trained model of the decomposition in ``out`` (its checkpoint)."""
     cfg_path = out / "config.toml"
     if not cfg_path.exists():
         raise CheckpointError(f"{out} has no config.toml: not a decomposition folder")
     cfg = Config.load(cfg_path)
     if device:
         cfg = cfg.replace(train={"device": device})
-    if bake is not None:
-        cfg = cfg.replace(export={"bake": bool(bake)})
+    if export:
+        cfg = cfg.replace(export=export)
     if read_meta(out / "checkpoints") is None:
         raise CheckpointError(f"{out / 'checkpoints'} holds no checkpoint to render from")
     info_path = out / "clip.json"
@@ -174,5 +172,69 @@ def rerender(out_dir: str | Path, progress: Optional[ProgressFn] = None,
         _attach_mask_folders(clip, [out / "masks" / n for n in detected])
     trainer = Trainer(clip, None, cfg, progress=progress)  # flow is not needed to export
     load_checkpoint(out / "checkpoints", trainer)
+    return cfg, clip, trainer
+
+
+def rerender(out_dir: str | Path, progress: Optional[ProgressFn] = None,
+             device: Optional[str] = None, bake: Optional[bool] = None,
+             maps: Optional[str] = None) -> Path:
+    """Re-export atlases, videos, bake and report of ``out_dir`` from its saved checkpoint.
+
+    ``bake`` overrides the saved ``export.bake`` (True: write the per-frame maps edits need);
+    ``maps`` the saved ``export.maps`` (working, source or none)."""
+    out = Path(out_dir)
+    export = {k: v for k, v in (("bake", None if bake is None else bool(bake)), ("maps", maps)) if v is not None}
+    cfg, clip, trainer = _restore(out, device, progress, **export)
     export_all(trainer, clip, out, cfg, progress=progress)
     return out
+
+
+def write_maps(out_dir: str | Path, resolution: str = "working", progress: Optional[ProgressFn] = None,
+               device: Optional[str] = None) -> Path:
+    """Write only the STMap/residual EXR sequences of ``out_dir`` (``maps/`` or, with
+    ``resolution="source"``, ``maps_source/``; docs/atlas.md). They come from the baked maps when
+    the decomposition has them (the values edits render from), else from the checkpoint."""
+    import numpy as np
+    import torch
+    from .export.outputs import evaluate_frame, export_maps
+    from .export.stmap import MAP_FOLDERS, require_exr_library
+    if resolution not in MAP_FOLDERS:
+        raise ConfigError(f"map resolution must be one of {', '.join(MAP_FOLDERS)}, got {resolution!r}")
+    out = Path(out_dir)
+    require_exr_library()
+    rep_path = out / "report.json"
+    if not rep_path.exists():
+        raise CheckpointError(f"{out} is not a finished decomposition (no report.json); run `decompose` first")
+    report = json.loads(rep_path.read_text(encoding="utf-8"))
+    info = report["clip"]
+    layers = [{"index": l["index"], "name": l["name"], "kind": l["kind"], "atlas": l["atlas"],
+               "atlas_size": int(np.load(out / "bake" / f"atlas_{l['index']}.npy", mmap_mode="r").shape[0])}
+              for l in report["layers"]]
+    n_frames, N = int(info["frames"]), len(layers)
+    size = (int(info["width"]), int(info["height"])) if resolution == "working" else tuple(info["source_size"])
+    meta_path = out / "bake" / "meta.json"
+    baked = meta_path.exists() and json.loads(meta_path.read_text(encoding="utf-8")).get("maps", True) and all(
+        (out / "bake" / f"layer_{i}_uv.npy").exists() for i in range(N))
+    if baked:
+        from .edit.apply import load_bake
+        b = load_bake(out)
+        frames = ((torch.from_numpy(np.stack([np.asarray(b.uv(i)[f]) for i in range(N)])),
+                   torch.from_numpy(np.stack([np.asarray(b.alpha(i)[f]) for i in range(N)])),
+                   torch.from_numpy(np.stack([np.asarray(b.residual(i)[f]) for i in range(N)])))
+                  for f in range(n_frames))
+        workers = 0
+    else:
+        cfg, _clip, trainer = _restore(out, device, progress)
+        trainer.model.eval()
+
+        def evaluated():
+            for f in range(n_frames):
+                ev = evaluate_frame(trainer.model, trainer.geom, f)
+                yield ev["uv"], ev["alpha"], ev["residual"]
+        frames, workers = evaluated(), cfg.export.workers
+    folder = export_maps(out, resolution, frames, n_frames, layers, size, workers=workers, progress=progress)
+    outputs = report.setdefault("outputs", {})
+    outputs.setdefault("maps", {})[resolution] = MAP_FOLDERS[resolution]
+    outputs.pop("maps_note", None)
+    write_json(rep_path, report)
+    return folder

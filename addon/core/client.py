@@ -308,7 +308,7 @@ class Client:
             self.clock_offset = float(r["server_time"]) - (time.time() - rtt / 2)
         if req.kind == "hello":
             self.server = dict(r)
-        elif req.kind in ("submit", "render"):
+        elif req.kind in ("submit", "render", "paint_frame"):
             if req.body.get("watch", True) and isinstance(r.get("job_id"), str):
                 self.watched.add(r["job_id"])
                 self._update_job({"job_id": r["job_id"], "state": r.get("state")})
@@ -410,13 +410,29 @@ class Client:
 
     def render(self, job_id: str, edits: Mapping[int, str | Path], *, mode: str = "delta",
                frame_range: tuple[int, int] | None = None, formats: Sequence[str] | None = None,
-               token: str | None = None, name: str | None = None, upload: bool = False) -> str:
-        """Queue a re-render of ``job_id`` with edited atlases; returns the render job id."""
+               token: str | None = None, name: str | None = None, upload: bool = False,
+               opacity: Mapping[int, Any] | None = None) -> str:
+        """Queue a re-render of ``job_id`` with edited atlases; returns the render job id.
+        ``opacity``: per edit layer a list of per-frame opacities (or {frame: opacity})."""
         body = {"job_id": job_id, "edits": {str(int(k)): self._source(v, upload) for k, v in edits.items()},
                 "mode": mode, "frame_range": list(frame_range) if frame_range else None,
                 "formats": list(formats) if formats else None, "token": token or uuid.uuid4().hex,
                 "name": name}
+        if opacity:
+            body["opacity"] = {str(int(k)): ({str(int(f)): float(o) for f, o in v.items()} if isinstance(v, Mapping)
+                                             else [float(o) for o in v]) for k, v in opacity.items()}
         return self.call("render", body)["job_id"]
+
+    def paint_frame(self, job_id: str, frame: int, image: str | Path, *, layer: int | None = None,
+                    edits: Mapping[int, str | Path] | None = None, token: str | None = None,
+                    name: str | None = None, upload: bool = False) -> str:
+        """Queue painting ``image`` (RGBA over frame ``frame``) into the edit layers of decomposition
+        ``job_id``, over ``edits`` when given; the job's ``edits/layer_<i>.png`` are the result."""
+        body = {"job_id": job_id, "frame": int(frame), "image": self._source(image, upload),
+                "layer": None if layer is None else int(layer),
+                "edits": {str(int(k)): self._source(v, upload) for k, v in edits.items()} if edits else None,
+                "token": token or uuid.uuid4().hex, "name": name}
+        return self.call("paint_frame", body)["job_id"]
 
     def status(self, job_id: str, *, watch: bool = False) -> dict[str, Any]:
         return self.call("status", {"job_id": job_id, "watch": watch})["job"]

@@ -36,7 +36,7 @@ STATE_LABELS = {
 PHASE_LABELS = {
     "queued": "waiting", "load": "reading clip", "flow": "optical flow", "pretrain": "pretraining",
     "train": "training", "export": "writing atlases", "bake": "baking maps", "render": "rendering",
-    "done": "done",
+    "paint": "painting", "done": "done",
 }
 
 

@@ -86,10 +86,10 @@ ERROR_CODES = {
 }
 
 # ------------------------------------------------------------------ job model
-JOB_KINDS = ("decompose", "render")
+JOB_KINDS = ("decompose", "render", "paint_frame")
 JOB_STATES = ("queued", "running", "cancelling", "done", "failed", "cancelled")
 TERMINAL_STATES = ("done", "failed", "cancelled")
-PHASES = ("queued", "load", "flow", "pretrain", "train", "export", "bake", "render", "done")
+PHASES = ("queued", "load", "flow", "pretrain", "train", "export", "bake", "render", "paint", "done")
 
 # Fields of a job as reported by status/list/job pushes (JobInfo).
 JOB_FIELDS = (
@@ -231,6 +231,26 @@ def _edits_check(v: dict) -> str:
     return ""
 
 
+def _opacity_check(v: dict) -> str:
+    """Per edit layer its per-frame opacity: {"<layer>": [o_0, ...]} or {"<layer>": {"<frame>": o}},
+    every o a number in [0, 1]. The engine checks the lengths against the shot."""
+    for k, curve in v.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 3):
+            return f"keys must be layer indices as strings ('0', '1', ...), got {k!r}"
+        if isinstance(curve, dict):
+            items = list(curve.items())
+            if any(not (f.isascii() and f.isdigit() and len(f) <= 7) for f, _ in items):
+                return f"layer {k}: frame keys must be frame indices as strings ('0', '12', ...)"
+        elif isinstance(curve, list):
+            items = list(enumerate(curve))
+        else:
+            return f"layer {k}: must be a list of per-frame values or a map frame -> value"
+        for f, o in items:
+            if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0.0 <= o <= 1.0:
+                return f"layer {k}, frame {f}: opacity must be a number in [0, 1]"
+    return ""
+
+
 def _formats_check(v: list) -> str:
     if not v or any(x not in ("png", "mp4", "exr") for x in v):
         return "must be a non-empty list of 'png', 'mp4', 'exr'"
@@ -295,6 +315,19 @@ REQUESTS: dict[str, dict[str, tuple]] = {
         "mode": (_STR, False, _one_of("delta", "replace")),
         "frame_range": (_LIST, False, _frame_range_check),
         "formats": (_LIST, False, _formats_check),
+        "opacity": (_MAP, False, _opacity_check),
+        "token": (_STR, False, _id_check),
+        "name": (_STR, False, None),
+        "watch": (_BOOL, False, None),
+    },
+    # paint on frame `frame` of a done decomposition: `image` (RGBA, straight alpha) goes into the
+    # layers' edit images, painted over `edits` when given; the job's out/edits/ holds the result
+    "paint_frame": {
+        "job_id": (_STR, True, _id_check),
+        "frame": (_INT, True, _nonneg),
+        "image": ((str, dict), True, _source_check),
+        "layer": (_INT, False, _nonneg),
+        "edits": (_MAP, False, _edits_check),
         "token": (_STR, False, _id_check),
         "name": (_STR, False, None),
         "watch": (_BOOL, False, None),

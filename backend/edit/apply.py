@@ -1,9 +1,11 @@
 """Apply edited atlases to the shot from the baked maps (no network evaluation).
 
 Delta mode (the method's default, method.md 4.4):
-    out = frame + sum_i alpha_i * R_i * (E_i(uv_i) - T_i(uv_i))
+    out = frame + sum_i o_i(f) * alpha_i * R_i * (E_i(uv_i) - T_i(uv_i))
 so pixels whose layers were not painted stay bit-exact and painted content inherits the
-plate's lighting through the residual. Replace mode: out = sum_i alpha_i * R_i * E_i(uv_i).
+plate's lighting through the residual. Replace mode: out = sum_i alpha_i * R_i * (T_i + o_i(f) D_i)(uv_i).
+``o_i(f)`` in [0, 1] is edit layer i's opacity at frame f (its lifetime: fades, a frame range;
+1 where not given), see :func:`parse_opacity`.
 
 An edit image for layer i is read in one of three ways (docs/atlas.md):
   * RGBA whose alpha differs from the exported atlas's alpha: an edit layer; its alpha is
@@ -115,6 +117,56 @@ def edit_delta(edit: np.ndarray, bits: int, atlas: np.ndarray, seen: np.ndarray)
     return np.where(changed, rgb - atlas, 0.0).astype(np.float32)
 
 
+def parse_opacity(spec, n_layers: int, n_frames: int,
+                  layer_names: Optional[Sequence[str]] = None) -> dict[int, np.ndarray]:
+    """Per-frame opacity of edit layers -> {layer: (F,) float32}.
+
+    ``spec`` maps a layer index (int or its decimal string) to either a list of one value per
+    frame of the decomposition (0-based) or a map {frame: value} where missing frames are 1.
+    Every value must be a number in [0, 1]. Raises ConfigError naming the problem."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError('opacity must map layer indices to a list of per-frame values or a {"frame": value} map, '
+                          f'e.g. {{"0": [1.0, 0.5, ...]}}; got {type(spec).__name__}')
+    names = f" ({', '.join(layer_names)})" if layer_names else ""
+    out: dict[int, np.ndarray] = {}
+    for key, values in spec.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"opacity: layer keys must be layer indices, got {key!r}") from None
+        if not 0 <= layer < n_layers:
+            raise ConfigError(f"opacity names layer {layer}; this decomposition has layers 0..{n_layers - 1}{names}")
+        where = f"opacity of layer {layer}"
+        if isinstance(values, dict):
+            o = np.ones(n_frames, np.float32)
+            for fk, v in values.items():
+                try:
+                    f = int(fk)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{where}: frame keys must be frame indices, got {fk!r}") from None
+                if not 0 <= f < n_frames:
+                    raise ConfigError(f"{where} names frame {f}; the shot has frames 0..{n_frames - 1}")
+                o[f] = _opacity_value(v, f"{where} at frame {f}")
+        elif isinstance(values, (list, tuple)):
+            if len(values) != n_frames:
+                raise ConfigError(f"{where} has {len(values)} values; the shot has {n_frames} frames "
+                                  "(one value per frame, from frame 0)")
+            o = np.array([_opacity_value(v, f"{where} at frame {f}") for f, v in enumerate(values)], np.float32)
+        else:
+            raise ConfigError(f'{where} must be a list of {n_frames} values or a {{"frame": value}} map, '
+                              f"got {type(values).__name__}")
+        out[layer] = o
+    return out
+
+
+def _opacity_value(v, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        raise ConfigError(f"{where} is {v!r}; opacity must be a number in [0, 1]")
+    return float(v)
+
+
 def _parse_range(frame_range, n: int) -> tuple[int, int]:
     if frame_range is None:
         return 0, n
@@ -131,7 +183,7 @@ class EditRenderer:
 
     def __init__(self, result_dir: str | Path, edits: dict[int, str | Path] | dict[int, np.ndarray],
                  mode: str = "delta", resolution: str = "working",
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", opacity: Optional[dict] = None) -> None:
         if mode not in ("delta", "replace"):
             raise ConfigError(f"edit mode must be 'delta' or 'replace', got {mode!r}")
         if resolution not in ("working", "source"):
@@ -143,6 +195,8 @@ class EditRenderer:
             if not (0 <= int(k) < N):
                 raise ConfigError(f"layer {k} does not exist; this decomposition has layers 0..{N - 1} "
                                   f"({', '.join(l['name'] for l in bake.report['layers'])})")
+        self.opacity = parse_opacity(opacity, N, int(bake.meta["frames"]),
+                                     [l["name"] for l in bake.report["layers"]])
         self.device = dev = torch.device(device)
         self.deltas: dict[int, torch.Tensor] = {}
         for k, src in edits.items():
@@ -187,29 +241,40 @@ class EditRenderer:
         return (triton is not None and self.device.type == "cuda" and self.mode == "delta"
                 and self.clip.frame_data.dtype == np.uint8)
 
+    def layer_opacity(self, i: int, f: int) -> float:
+        """Edit layer ``i``'s opacity at frame ``f`` (1 where no opacity was given)."""
+        o = self.opacity.get(i)
+        return 1.0 if o is None else float(o[f])
+
     def frame(self, f: int, edited: bool = True) -> np.ndarray:
         """Frame ``f`` (H, W, 3) float32 in [0, 1], with the edit when ``edited``."""
-        if not edited or (not self.deltas and self.mode == "delta"):
+        # layers whose edit is faded out at this frame add nothing: skipped
+        live = [i for i in sorted(self.deltas) if self.layer_opacity(i, f) > 0.0]
+        if not edited or (not live and self.mode == "delta"):
             return self.clip.frames[f]
         if self._fused():
             from .fused import composite_delta
-            layers = sorted(self.deltas)
-            maps = [self._maps(i, f) for i in layers]
+            maps = [self._maps(i, f) for i in live]
             out = composite_delta(torch.from_numpy(np.array(self.clip.frames_uint8(f, f + 1)[0])).to(self.device),
                                   torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]),
-                                  torch.stack([m[2] for m in maps]), torch.stack([self.deltas[i] for i in layers]))
+                                  torch.stack([m[2] for m in maps]), torch.stack([self.deltas[i] for i in live]),
+                                  opacity=torch.tensor([self.layer_opacity(i, f) for i in live]))
             return out.cpu().numpy().astype(np.float32) / 255.0
         frame = torch.from_numpy(self.clip.frames[f]).to(self.device)
         if self.mode == "delta":
             result = frame.clone()
-            for i, d in self.deltas.items():
+            for i in live:
                 uv, a, r = self._maps(i, f)
-                result += a[..., None] * r * sample_atlas(d, uv)
+                o = self.layer_opacity(i, f)
+                result += (a if o == 1.0 else a * o)[..., None] * r * sample_atlas(self.deltas[i], uv)
         else:
             result = torch.zeros_like(frame)
             for i in range(self.bake.n_layers):
                 uv, a, r = self._maps(i, f)
-                tex = self.atlases[i] + self.deltas[i] if i in self.deltas else self.atlases[i]
+                tex = self.atlases[i]
+                if i in live:
+                    o = self.layer_opacity(i, f)
+                    tex = tex + (self.deltas[i] if o == 1.0 else self.deltas[i] * o)
                 result += a[..., None] * r * sample_atlas(tex, uv)
         return result.clamp(0, 1).cpu().numpy()
 
@@ -218,13 +283,14 @@ def render_edit(result_dir: str | Path, edits: dict[int, str | Path], mode: str 
                 frame_range: Optional[Sequence[Optional[int]]] = None, out: str | Path | None = None,
                 formats: Iterable[str] = ("png", "mp4"), resolution: str = "working",
                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
-                device: str | torch.device = "cpu") -> dict:
+                device: str | torch.device = "cpu", opacity: Optional[dict] = None) -> dict:
     """Render the shot with edited atlases; returns {"frames_dir", "video", "n_frames", ...}.
 
     ``edits`` maps layer index -> edit image. ``frame_range`` (start, stop) limits where the
     edit applies (other frames are written unchanged). ``resolution``: ``working`` renders at
     the decomposition's size; ``source`` applies the edit to the source frames at their own
-    size (baked maps are upsampled), so untouched pixels are the source's exactly.
+    size (baked maps are upsampled), so untouched pixels are the source's exactly. ``opacity``:
+    per edit layer its opacity per frame (:func:`parse_opacity`), multiplying that layer's delta.
     """
     progress = progress or null_progress
     cancel = cancel or CancelToken()
@@ -232,7 +298,7 @@ def render_edit(result_dir: str | Path, edits: dict[int, str | Path], mode: str 
     bad = [f for f in formats if f not in ("png", "mp4")]
     if bad or not formats:
         raise ConfigError(f"formats must be a non-empty subset of png, mp4; got {formats}")
-    r = EditRenderer(result_dir, edits, mode, resolution, device)
+    r = EditRenderer(result_dir, edits, mode, resolution, device, opacity=opacity)
     a0, a1 = _parse_range(frame_range, r.n_frames)
     out_dir = Path(out) if out is not None else Path(result_dir) / "edit"
     frames_dir = out_dir / "frames"
@@ -247,7 +313,8 @@ def render_edit(result_dir: str | Path, edits: dict[int, str | Path], mode: str 
             yield img
 
     info = {"n_frames": r.n_frames, "width": r.clip.width, "height": r.clip.height, "fps": r.fps,
-            "mode": mode, "frame_range": [a0, a1], "layers": sorted(r.deltas), "resolution": resolution}
+            "mode": mode, "frame_range": [a0, a1], "layers": sorted(r.deltas), "resolution": resolution,
+            "opacity_layers": sorted(r.opacity)}
     if "mp4" in formats:
         info["video"] = str(write_video(out_dir / "edited.mp4", frames(), r.fps))
     else:

@@ -1,7 +1,8 @@
 """One fused GPU pass per frame for edit re-rendering (delta mode), in Triton.
 
-For every pixel: ``out = frame + sum_i alpha_i * R_i * D_i(uv_i)`` where ``D_i`` is layer i's
-premultiplied edit delta image (S x S x 3), sampled bilinearly with the atlas convention of
+For every pixel: ``out = frame + sum_i o_i * alpha_i * R_i * D_i(uv_i)`` where ``D_i`` is layer i's
+premultiplied edit delta image (S x S x 3) and ``o_i`` its opacity at this frame (the edit's
+lifetime; 1 when not given), sampled bilinearly with the atlas convention of
 ``backend.export.atlas`` (``grid_sample(align_corners=False, padding_mode='border')``), then
 clamped and quantised to 8 bits (``floor(x * 255 + 0.5)``, as the PNG writer does). Inputs are
 read once and the output written once: the pass is bound by memory traffic (about 16 bytes
@@ -28,17 +29,20 @@ except Exception:  # pragma: no cover - no triton here
 
 
 def composite_delta_torch(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch.Tensor,
-                          residual: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """frame (H,W,3) uint8, uv (N,H,W,2), alpha (N,H,W), residual (N,H,W,3), deltas (N,S,S,3) -> uint8."""
+                          residual: torch.Tensor, deltas: torch.Tensor,
+                          opacity: torch.Tensor | None = None) -> torch.Tensor:
+    """frame (H,W,3) uint8, uv (N,H,W,2), alpha (N,H,W), residual (N,H,W,3), deltas (N,S,S,3),
+    opacity (N,) or None (all 1) -> uint8."""
     out = frame_u8.to(torch.float32) / 255.0
     for i in range(deltas.shape[0]):
-        out = out + alpha[i].float()[..., None] * residual[i].float() * sample_atlas(deltas[i], uv[i].float())
+        a = alpha[i].float() if opacity is None else alpha[i].float() * opacity[i].float()
+        out = out + a[..., None] * residual[i].float() * sample_atlas(deltas[i], uv[i].float())
     return torch.floor(out.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
 
 
 if triton is not None:
     @triton.jit
-    def _composite_kernel(frame, uv, alpha, res, delta, out, n_pix, S,
+    def _composite_kernel(frame, uv, alpha, res, delta, opacity, out, n_pix, S,
                           N: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         p = pid * BLOCK + tl.arange(0, BLOCK)
@@ -52,7 +56,7 @@ if triton is not None:
             base = i * n_pix + p
             u = tl.load(uv + base * 2 + 0, mask=m, other=0.0).to(tl.float32)
             v = tl.load(uv + base * 2 + 1, mask=m, other=0.0).to(tl.float32)
-            a = tl.load(alpha + base, mask=m, other=0.0).to(tl.float32)
+            a = tl.load(alpha + base, mask=m, other=0.0).to(tl.float32) * tl.load(opacity + i)
             rr = tl.load(res + base * 3 + 0, mask=m, other=0.0).to(tl.float32)
             rg = tl.load(res + base * 3 + 1, mask=m, other=0.0).to(tl.float32)
             rb = tl.load(res + base * 3 + 2, mask=m, other=0.0).to(tl.float32)
@@ -94,20 +98,23 @@ if triton is not None:
 
 
 def composite_delta(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch.Tensor, residual: torch.Tensor,
-                    deltas: torch.Tensor, out: torch.Tensor | None = None, block: int = 512) -> torch.Tensor:
+                    deltas: torch.Tensor, out: torch.Tensor | None = None, block: int = 512,
+                    opacity: torch.Tensor | None = None) -> torch.Tensor:
     """The fused pass on CUDA (Triton); the PyTorch composite elsewhere. Same arguments as
     :func:`composite_delta_torch`; ``out`` (H,W,3) uint8 may be given to avoid an allocation."""
     kernel_ok = frame_u8.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if triton is None or not kernel_ok:
-        return composite_delta_torch(frame_u8, uv, alpha, residual, deltas)
+        return composite_delta_torch(frame_u8, uv, alpha, residual, deltas, opacity)
     H, W, _ = frame_u8.shape
     N, S = deltas.shape[0], deltas.shape[1]
     if out is None:
         out = torch.empty_like(frame_u8)
+    o = (torch.ones(N, device=frame_u8.device) if opacity is None
+         else opacity.to(device=frame_u8.device, dtype=torch.float32).contiguous())
     n = H * W
     _composite_kernel[(triton.cdiv(n, block),)](
         frame_u8.contiguous(), uv.contiguous(), alpha.contiguous(), residual.contiguous(),
-        deltas.to(torch.float32).contiguous(), out, n, S, N=N, BLOCK=block, num_warps=4)
+        deltas.to(torch.float32).contiguous(), o, out, n, S, N=N, BLOCK=block, num_warps=4)
     return out
 
 

@@ -25,6 +25,7 @@ from ..config import Config
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
 from .atlas import pixel_footprints, render_atlas, size_for_footprints, splat_max
 from .sinks import FrameWriters, VideoSink, png_job, store_job
+from .stmap import MAP_FOLDERS, INSTALL_HINT, MapSequenceWriter, exr_library, maps_to_host, remove_stale_maps
 
 ATLAS_CONVENTION = ("atlas image S x S covers u,v in [-1,1]; texel (row r, col c) centre at "
                     "u = -1 + (2c+1)/S, v = -1 + (2r+1)/S; u along columns (x), v along rows (y), "
@@ -145,6 +146,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
             sinks = {name: VideoSink(out / "video" / f"{name}.mp4", fps) for name in streams}
         else:  # no H.264 encoder here: the PNG frames are the stream (write_video would copy them)
             videos = {name: f"frames/{name}" for name in streams}
+    maps, maps_note = _map_writer(out, cfg.export.maps, N, F_, (W, H), clip.source_size)
+    if maps_note:
+        progress(Progress("export", message=maps_note))
     writers = FrameWriters(cfg.export.workers or None)
     psnrs = []
     try:
@@ -164,8 +168,11 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                 uv = ev["uv"].cpu().numpy()
                 alpha16 = a.half().cpu().numpy()
                 res16 = ev["residual"].half().cpu().numpy()
-                jobs = [store_job(m[f], v) for maps, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
-                        for m, v in zip(maps, arr)]
+                jobs = [store_job(m[f], v) for dst, arr in ((uv_maps, uv), (alpha_maps, alpha16), (res_maps, res16))
+                        for m, v in zip(dst, arr)]
+            if maps is not None:  # the same values as STMap/residual EXRs, maybe at the source size
+                size = None if maps.resolution == "working" else (maps.width, maps.height)
+                jobs += maps.jobs(f, *maps_to_host(ev["uv"], a, ev["residual"], size))
             if cfg.export.write_videos:
                 images = {"reconstruction": recon, "reconstruction_no_residual": recon_nores}
                 for i in range(N):
@@ -183,6 +190,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
         atlas_files = [str((out / "atlas" / f"layer_{i}.png").relative_to(out)) for i in range(N)]
         writers.submit([job for i in range(N) for job in _atlas_jobs(out, bake_dir, i, atlases[i], seen[i])])
         writers.close()
+        if maps is not None:
+            maps.finish([{"index": i, "name": names[i], "kind": "background" if i == N - 1 else "object",
+                          "atlas": atlas_files[i], "atlas_size": int(atlases[i].shape[0])} for i in range(N)])
         for name, sink in sinks.items():
             videos[name] = str(Path(sink.close()).relative_to(out))
     except BaseException:
@@ -230,6 +240,8 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                                                             for v in auto_sizes],
         "atlas_convention": ATLAS_CONVENTION,
         "outputs": {"atlases": atlas_files, "videos": videos, "bake": "bake",
+                    "maps": {} if maps is None else {maps.resolution: MAP_FOLDERS[maps.resolution]},
+                    **({"maps_note": maps_note} if maps_note else {}),
                     "frames": {s: f"frames/{s}" for s in streams} if cfg.export.write_videos else {}},
         "history": st.history,
         "config": cfg.to_dict(),
@@ -243,6 +255,48 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     write_report(out, report)
     model.train()
     return report
+
+
+def export_maps(out_dir: Path, resolution: str, frames, n_frames: int, layers: list[dict],
+                size: tuple[int, int], workers: int = 0, progress: Optional[ProgressFn] = None,
+                cancel: Optional[CancelToken] = None) -> Path:
+    """Write only the EXR maps of one resolution (``render --maps``) from ``frames``: an iterable
+    of (uv, alpha, residual) torch tensors per frame, (N, h, w, ...) at the working size; ``size``
+    (W, H) of the maps to write. ``layers`` as in :meth:`MapSequenceWriter.finish`. Returns the folder."""
+    progress = progress or null_progress
+    cancel = cancel or CancelToken()
+    maps = MapSequenceWriter(Path(out_dir), resolution, len(layers), n_frames, size)
+    writers = FrameWriters(workers or None)
+    try:
+        for f, (uv, alpha, residual) in enumerate(frames):
+            cancel.raise_if_cancelled()
+            scaled = None if resolution == "working" else size
+            writers.submit(maps.jobs(f, *maps_to_host(uv, alpha, residual, scaled)))
+            progress(Progress("export", fraction=(f + 1) / n_frames, message=f"maps: frame {f + 1}/{n_frames}"))
+        writers.close()
+    except BaseException:
+        writers.abort()
+        raise
+    maps.finish(layers)
+    return maps.folder
+
+
+def _map_writer(out: Path, choice: str, n_layers: int, n_frames: int, working: tuple[int, int],
+                source: tuple[int, int]) -> tuple[Optional[MapSequenceWriter], str]:
+    """The EXR map writer ``export.maps`` asks for, after removing the maps of earlier exports it
+    will not rewrite (they would not match the new atlases); with no EXR writer installed the
+    export goes on without maps and says so (``render --maps`` adds them later)."""
+    for resolution, folder in MAP_FOLDERS.items():
+        if resolution != choice:
+            remove_stale_maps(out / folder)
+    if choice == "none":
+        return None, ""
+    if exr_library() is None:
+        remove_stale_maps(out / MAP_FOLDERS[choice])
+        return None, (f"export.maps = {choice!r} but no EXR writer is installed ({INSTALL_HINT}); "
+                      f"add the maps with `python -m backend render {out} --maps`")
+    size = working if choice == "working" else tuple(int(v) for v in source)
+    return MapSequenceWriter(out, choice, n_layers, n_frames, size), ""
 
 
 def write_report(out_dir: Path, report: dict) -> None:

@@ -90,7 +90,7 @@ def _decompose_run(engine, spec: dict[str, Any], out_dir: Path, progress, cancel
 # --------------------------------------------------------------------- render
 def _render_settings(b: Body) -> dict[str, Any]:
     return {"mode": b.get("mode", "delta"), "frame_range": b.get("frame_range"),
-            "formats": b.get("formats") or ["png", "mp4"]}
+            "formats": b.get("formats") or ["png", "mp4"], "opacity": b.get("opacity")}
 
 
 def _render_place(spec: dict[str, Any], b: Body, paths: dict[str, str]) -> None:
@@ -99,11 +99,32 @@ def _render_place(spec: dict[str, Any], b: Body, paths: dict[str, str]) -> None:
 
 def _render_run(engine, spec: dict[str, Any], out_dir: Path, progress, cancel) -> dict[str, Any]:
     edits = {int(k): v for k, v in spec["edits"].items()}
+    extra = {"opacity": spec["opacity"]} if spec.get("opacity") else {}
     res = engine.render_edit(spec["parent_out"], edits, mode=spec.get("mode", "delta"),
                              frame_range=_range(spec), out=out_dir,
                              formats=tuple(spec.get("formats") or ("png", "mp4")),
-                             progress=progress, cancel=cancel)
+                             progress=progress, cancel=cancel, **extra)
     return {"out_dir": str(out_dir), **(res if isinstance(res, dict) else {})}
+
+
+# ---------------------------------------------------------------- paint_frame
+# paint on one frame of a done decomposition: the image goes into the layers' edit images
+# (painted over ``edits`` when given); the job's out/edits/ holds the result
+def _paint_sources(b: Body) -> dict[str, Any]:
+    return {"image": b["image"], **{f"edit {k}": v for k, v in (b.get("edits") or {}).items()}}
+
+
+def _paint_place(spec: dict[str, Any], b: Body, paths: dict[str, str]) -> None:
+    spec["image"] = paths["image"]
+    spec["edits"] = {k: paths[f"edit {k}"] for k in (b.get("edits") or {})}
+
+
+def _paint_run(engine, spec: dict[str, Any], out_dir: Path, progress, cancel) -> dict[str, Any]:
+    res = engine.paint_frame(spec["parent_out"], spec["frame"], spec["image"], layer=spec.get("layer"),
+                             out_edits=out_dir / "edits",
+                             base_edits={int(k): v for k, v in (spec.get("edits") or {}).items()},
+                             progress=progress)
+    return {"out_dir": str(out_dir), **res}
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in (
@@ -112,4 +133,8 @@ KINDS: dict[str, JobKind] = {k.name: k for k in (
     JobKind("render", "render", _render_settings, lambda b: {f"edit {k}": v for k, v in b["edits"].items()},
             _render_place, lambda b, parent: f"render of {parent.get('name') or parent['job_id']}",
             _render_run, parent="decompose"),
+    JobKind("paint_frame", "paint_frame", lambda b: {"frame": b["frame"], "layer": b.get("layer")},
+            _paint_sources, _paint_place,
+            lambda b, parent: f"paint on frame {b['frame']} of {parent.get('name') or parent['job_id']}",
+            _paint_run, parent="decompose"),
 )}
