@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .preprocess.cli import add_commands as add_preprocess_commands
     add_preprocess_commands(sub)
+    from .batch import add_command as add_batch_command  # many shots (the service's executors, no sockets)
+    add_batch_command(sub)
     try:  # the service needs pyzmq, which an engine-only install (the GPU machine) may lack
         from .service.cli import add_commands as add_service_commands
     except ImportError:

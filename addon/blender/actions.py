@@ -87,8 +87,10 @@ def source_size(strip: bpy.types.Strip, info: S.StripInfo) -> tuple[int, int]:
 
 
 def decompose(scene: bpy.types.Scene, strip: bpy.types.Strip, *, preset: Optional[str] = None,
-              overrides: Optional[dict] = None) -> NA_JobItem:
-    """Submit the strip (non-blocking) and add its job record; the job id arrives later."""
+              overrides: Optional[dict] = None, masks_beside_clip: bool = False) -> NA_JobItem:
+    """Submit the strip (non-blocking) and add its job record; the job id arrives later.
+    ``masks_beside_clip`` (several strips at once): instead of the panel's masks, each clip's
+    own seed-layout ``masks/`` folder when it has one (none otherwise)."""
     st = settings(scene)
     info = vse.strip_info(strip)
     timeline = (scene.frame_start, scene.frame_end) if st.use_scene_range else None
@@ -102,7 +104,10 @@ def decompose(scene: bpy.types.Scene, strip: bpy.types.Strip, *, preset: Optiona
         folder = S.list_frames(info.source)
         source, frame_range = info.source, S.folder_range(folder, info.files, src_range)
     masks: Optional[list[str]] = None
-    if st.mask_mode == "FOLDER":
+    if masks_beside_clip:
+        beside = S.seed_masks_for(info.source) if info.kind == "IMAGE" else None
+        masks = S.mask_folders(beside) if beside else None
+    elif st.mask_mode == "FOLDER":
         if not st.mask_folder:
             raise ActionError("no mask folder chosen", "Pick the folder of object masks, or set Masks to None")
         masks = S.mask_folders(os.path.abspath(bpy.path.abspath(st.mask_folder)))

@@ -113,14 +113,9 @@ class NA_OT_backend_stop(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class NA_OT_decompose(bpy.types.Operator):
-    """Decompose the active movie or image strip into layered atlases on the backend"""
+class _SubmitOptions:
+    """What Decompose and Decompose Selected Strips take (empty: the panel's settings)."""
 
-    bl_idname = "neural_atlas.decompose"
-    bl_label = "Decompose"
-
-    strip: StringProperty(name="Strip", description="Strip name (default: the active strip)",  # type: ignore[valid-type]
-                          options={"SKIP_SAVE"})
     preset: StringProperty(name="Preset", options={"SKIP_SAVE"})  # type: ignore[valid-type]
     overrides: StringProperty(name="Overrides", options={"SKIP_SAVE"})  # type: ignore[valid-type]
     wait: BoolProperty(default=False, options={"SKIP_SAVE"})  # type: ignore[valid-type]
@@ -129,6 +124,16 @@ class NA_OT_decompose(bpy.types.Operator):
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
         return vse.sequencer_scene(context).sequence_editor is not None
+
+
+class NA_OT_decompose(_SubmitOptions, bpy.types.Operator):
+    """Decompose the active movie or image strip into layered atlases on the backend"""
+
+    bl_idname = "neural_atlas.decompose"
+    bl_label = "Decompose"
+
+    strip: StringProperty(name="Strip", description="Strip name (default: the active strip)",  # type: ignore[valid-type]
+                          options={"SKIP_SAVE"})
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         scene = vse.sequencer_scene(context)
@@ -148,6 +153,51 @@ class NA_OT_decompose(bpy.types.Operator):
         if self.wait:
             return _wait(self, job, self.timeout)
         self.report({"INFO"}, f"Decomposing {strip.name}")
+        return {"FINISHED"}
+
+
+class NA_OT_decompose_selected(_SubmitOptions, bpy.types.Operator):
+    """Decompose every selected movie or image strip: one backend job each, all queued at once
+    (the backend runs as many together as its executor allows); the Jobs panel shows them all"""
+
+    bl_idname = "neural_atlas.decompose_selected"
+    bl_label = "Decompose Selected Strips"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        strips = [s for s in vse.all_strips(scene) if s.select and s.type in ("MOVIE", "IMAGE")]
+        if not strips:
+            return _fail(self, "No movie or image strips selected",
+                         "Select the strips to decompose in the sequencer (Shift-click or box select)")
+        st = settings(scene)
+        # the panel's masks belong to one shot; with several strips each uses its own clip's masks/
+        beside = len(strips) > 1 and st.mask_mode != "NONE"
+        try:
+            ov = actions.parse_overrides(self.overrides or st.overrides)
+        except actions.ActionError as e:
+            return _fail(self, e.message, e.hint)
+        jobs, failed = [], []
+        for strip in sorted(strips, key=lambda s: (s.channel, s.frame_final_start)):
+            try:
+                jobs.append(actions.decompose(scene, strip, preset=self.preset or None, overrides=ov,
+                                              masks_beside_clip=beside))
+            except (actions.ActionError, S.StripError) as e:  # this strip only: the others go on
+                failed.append(f"{strip.name}: {getattr(e, 'message', str(e))}")
+            except (J.SessionError, launcher.LaunchError) as e:
+                return _fail(self, getattr(e, "message", str(e)), getattr(e, "hint", ""))
+        if failed:  # kept in the panel's error line too: a report vanishes quickly
+            rt = runtime.get()
+            rt.last_error, rt.last_hint = f"Not submitted: {'; '.join(failed)}", "the other strips were submitted"
+            self.report({"WARNING"}, rt.last_error)
+        if not jobs:
+            return _fail(self, "No strip could be submitted", "; ".join(failed))
+        if self.wait:
+            for job in jobs:
+                if _wait(self, job, self.timeout) != {"FINISHED"}:
+                    return {"CANCELLED"}
+            return {"FINISHED"}
+        note = " (masks: each clip's own masks/ folder)" if beside else ""
+        self.report({"INFO"}, f"Decomposing {len(jobs)} strip(s){note}")
         return {"FINISHED"}
 
 
@@ -538,7 +588,8 @@ class NA_OT_mask_remove(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_wait,
+CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_decompose_selected,
+           NA_OT_wait,
            NA_OT_cancel, NA_OT_remove_job, NA_OT_load_atlases, NA_OT_paint_setup, NA_OT_save_edits,
            NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove, NA_OT_preview,
            NA_OT_frame_paint, NA_OT_frame_paint_end, NA_OT_paint_image_new, NA_OT_project_paint)

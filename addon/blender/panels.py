@@ -98,6 +98,10 @@ class NA_PT_decompose(_AtlasPanel, bpy.types.Panel):
         row.scale_y = 1.4
         row.enabled = ok
         row.operator("neural_atlas.decompose", icon="RENDER_RESULT")
+        n_selected = sum(1 for s in vse.all_strips(scene) if s.select and s.type in ("MOVIE", "IMAGE"))
+        if n_selected > 1:
+            layout.operator("neural_atlas.decompose_selected", icon="SEQ_STRIP_DUPLICATE",
+                            text=f"Decompose {n_selected} Selected Strips")
 
 
 def draw_job(layout: bpy.types.UILayout, job: NA_JobItem, active: bool) -> None:

@@ -96,6 +96,7 @@ JOB_FIELDS = (
     "job_id", "kind", "state", "name", "parent", "created", "updated", "phase", "iteration",
     "iterations", "fraction", "eta_s", "psnr", "message", "error", "attempts", "resumed_from",
     "seq",
+    "placement",  # where the job runs: {executor, host|node, gpu|gpus, slot|resources, pid}
 )
 
 

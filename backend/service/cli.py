@@ -42,6 +42,7 @@ def add_commands(subparsers) -> None:
     s.add_argument("--curve", action="store_true", help="require CURVE encryption even on loopback")
     s.add_argument("--no-device-probe", action="store_true", help="do not query torch for the device")
     s.add_argument("--log-level", default="INFO")
+    add_executor_arguments(s)
     s.set_defaults(func=_serve)
 
     # ------------------------------------------------------------------- keys
@@ -98,6 +99,52 @@ def add_commands(subparsers) -> None:
     c.set_defaults(func=_client)
 
 
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """What runs the jobs: ``serve`` and ``batch`` take the same options."""
+    g = p.add_argument_group("executor (what runs the jobs; docs/protocol.md section 9)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: child processes on this machine (default); ray: Ray actors "
+                        "(pip install neural-atlas[ray])")
+    g.add_argument("--concurrency", type=int, default=None, metavar="N",
+                   help="local: jobs at once (default 1), spread over the visible GPUs, several per GPU "
+                        "when N exceeds them; ray: jobs handed to Ray at once (default: as many as the "
+                        "cluster's resources hold at once)")
+    g.add_argument("--ray-address", default="auto", metavar="ADDR",
+                   help="ray: host:port of a running cluster (`ray start --head`), or auto (default): "
+                        "start a local Ray with this machine's GPUs. The workspace must be a shared "
+                        "filesystem at the same path on every node (checked at start)")
+    g.add_argument("--gpus-per-job", type=float, default=None, metavar="F",
+                   help="ray: each job's GPU share, e.g. 0.5 packs two small shots per GPU (default 1 "
+                        "where the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-job", type=float, default=1.0, metavar="F", help="ray: each job's CPUs")
+    g.add_argument("--ray-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="ray: a custom resource each job needs (repeatable)")
+    g.add_argument("--max-lost", type=int, default=2, metavar="N",
+                   help="ray: retries of a job whose Ray worker or node died, from its last checkpoint "
+                        "(default 2)")
+
+
+def executor_options(args: argparse.Namespace):
+    from .executors import ExecutorOptions
+    resources = {}
+    for item in args.ray_resource:
+        name, sep, amount = item.partition("=")
+        try:
+            resources[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--ray-resource {item!r}: expected NAME=AMOUNT, e.g. gpu_slot=0.5")
+    if args.executor == "local" and (args.gpus_per_job is not None or resources):
+        raise ValueError("--gpus-per-job and --ray-resource need --executor ray")
+    concurrency = args.concurrency if args.concurrency is not None else (1 if args.executor == "local" else 0)
+    if concurrency < (1 if args.executor == "local" else 0):
+        raise ValueError(f"--concurrency {concurrency}: must be at least 1")
+    return ExecutorOptions(kind=args.executor, concurrency=concurrency, ray_address=args.ray_address,
+                           gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
+                           resources=resources, max_lost=max(0, args.max_lost))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,10 +158,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import ServerOptions, serve
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        executor = executor_options(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ARGS
     return serve(ServerOptions(
         workspace=args.workspace, endpoint=args.endpoint, keys_dir=args.keys,
         parent_pid=args.parent_pid, allow_roots=list(args.allow_root), curve=args.curve,
-        probe_device=not args.no_device_probe))
+        probe_device=not args.no_device_probe, executor=executor))
 
 
 # ----------------------------------------------------------------------- keys

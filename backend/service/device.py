@@ -69,5 +69,19 @@ def probe_subprocess(timeout: float = 120.0, env: dict[str, str] | None = None) 
                 "tinycudann": _has("tinycudann"), "error": f"device probe failed: {e}"}
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices jobs may be spread over, as CUDA_VISIBLE_DEVICES entries, without
+    importing torch: that variable when set, else the indices ``nvidia-smi`` lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [ln.strip() for ln in out.stdout.splitlines() if ln.strip().isdigit()] if out.returncode == 0 else []
+
+
 if __name__ == "__main__":
     print(json.dumps(probe()))

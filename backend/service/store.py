@@ -110,7 +110,11 @@ class JobStore:
         return self.root / job_id
 
     def out_dir(self, job_id: str) -> Path:
-        return self.root / job_id / "out"
+        """The engine's output folder: ``jobs/<id>/out``, or the spec's ``out_dir`` (batch
+        shots write where the shot list says)."""
+        job = self.jobs.get(job_id)
+        out = (job.get("spec") or {}).get("out_dir") if job else None
+        return Path(out) if out else self.root / job_id / "out"
 
     # ------------------------------------------------------------------ load
     def load(self) -> list[dict[str, Any]]:
@@ -152,7 +156,7 @@ class JobStore:
             "token": token, "created": now, "updated": now, "order": self._order,
             "phase": "queued", "iteration": 0, "iterations": 0, "fraction": 0.0, "eta_s": None,
             "psnr": None, "message": "", "error": None, "attempts": 0, "resumed_from": None,
-            "seq": 0, "spec": spec, "result": None,
+            "seq": 0, "spec": spec, "result": None, "placement": None,
         }
         self.job_dir(job_id).mkdir(parents=True)
         self.jobs[job_id] = job

@@ -2,7 +2,8 @@
 
     python -m backend.service.worker JOB_DIR
 
-The server starts one at a time. The worker reads ``JOB_DIR/job.json`` (the
+An executor (``executors/``) starts it: as a child process of the service, or on a Ray
+node under a Ray actor. The worker reads ``JOB_DIR/job.json`` (the
 server's record, including the resolved spec), holds ``JOB_DIR/.lock`` while it
 runs, and talks to the server over its standard streams:
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
         spec = job["spec"]
-        out_dir = job_dir / "out"
+        out_dir = Path(spec["out_dir"]) if spec.get("out_dir") else job_dir / "out"
         t0 = time.monotonic()
 
         def progress(p) -> None:
@@ -130,33 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             events.send("progress", progress=_clean(d))
 
         try:
-            engine = _engine()
-            if job["kind"] == "decompose":
-                from backend.config import Config
-                config = Config.from_dict(spec["config"]).validate()
-                events.send("start", checkpoint=_checkpoint_iteration(out_dir))
-                engine.decompose(spec["source"], out_dir, config, masks=spec.get("masks"),
-                                 frame_range=tuple(spec["frame_range"]) if spec.get("frame_range") else None,
-                                 progress=progress, cancel=cancel, resume=True)
-                result = {"out_dir": str(out_dir)}
-            elif job["kind"] == "render":
-                events.send("start", checkpoint=None)
-                edits = {int(k): v for k, v in spec["edits"].items()}
-                extra = {"opacity": spec["opacity"]} if spec.get("opacity") else {}
-                res = engine.render_edit(spec["parent_out"], edits, mode=spec.get("mode", "delta"),
-                                         frame_range=tuple(spec["frame_range"]) if spec.get("frame_range") else None,
-                                         out=out_dir, formats=tuple(spec.get("formats") or ("png", "mp4")),
-                                         progress=progress, cancel=cancel, **extra)
-                result = {"out_dir": str(out_dir), **(_clean(res) if isinstance(res, dict) else {})}
-            elif job["kind"] == "paint_frame":
-                events.send("start", checkpoint=None)
-                res = engine.paint_frame(spec["parent_out"], spec["frame"], spec["image"], layer=spec.get("layer"),
-                                         out_edits=out_dir / "edits",
-                                         base_edits={int(k): v for k, v in (spec.get("edits") or {}).items()},
-                                         progress=progress)
-                result = {"out_dir": str(out_dir), **_clean(res)}
-            else:
+            from backend.service.kinds import KINDS
+            kind = KINDS.get(job["kind"])
+            if kind is None:
                 raise ValueError(f"unknown job kind {job['kind']!r}")
+            engine = _engine()
+            events.send("start", checkpoint=_checkpoint_iteration(out_dir) if kind.resumable else None,
+                        pid=os.getpid())
+            result = _clean(kind.run(engine, spec, out_dir, progress, cancel))
         except Cancelled as e:
             events.send("cancelled", reason=cancel.reason or str(e))
             return 0

@@ -151,3 +151,15 @@ def clip_dir(tmp_path) -> Path:
 
 def fast(iterations: int = 50, every: int = 10) -> dict:
     return {"train": {"iterations": iterations, "checkpoint_every": every}}
+
+
+# ------------------------------------------------------------------ Ray (farm)
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real local Ray cluster for every Ray test of the session (loopback, 2 CPUs, a
+    ``fake_gpu`` resource of 1), stopped at the end. Skipped only where Ray is not installed."""
+    pytest.importorskip("ray", reason="the Ray executor's tests need `pip install neural-atlas[ray]`")
+    from .ray_cluster import RayHead
+    head = RayHead()
+    yield head
+    head.stop()
