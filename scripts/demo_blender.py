@@ -1,8 +1,11 @@
 """The whole Neural Atlas loop, headless, on the built-in synthetic demo clip:
 
-start a backend -> put the clip in a VSE -> decompose -> paint a mark into an edit
-image (programmatically; brushes cannot run headless) -> Render Edit into the VSE ->
-save the .blend and the edited movie -> print where they are.
+start a backend -> put the clip in a VSE -> decompose -> paint on a frame (the frame's
+Texture Paint mesh is built; the stroke itself, which brushes cannot make headless, is an
+RGBA image over the frame projected by the backend's paint_frame job) and a mark on an
+atlas -> an edit lifetime (fade-in) -> Render Edit into the VSE -> the live preview on, its
+frames compared with Render Edit's -> save the .blend and the edited movie -> print both
+drifts against the ground truth and the preview/render agreement.
 
     python scripts/demo_blender.py [--out demo_out/blender] [--iterations N]      (bpy module, .venv-bpy)
     blender -b --python-exit-code 1 --python scripts/demo_blender.py -- [--out ...]
@@ -125,7 +128,30 @@ def main() -> int:
             raise RuntimeError(f"decomposition {job.state}: {job.error} {job.hint}")
         step(f"decomposed: {job.n_layers} layers, PSNR {job.psnr:.1f} dB, atlases in {job.out_dir}/atlas")
 
-        # 4. paint a mark into the background layer's edit image where it is seen best
+        # 4a. paint on a frame: the Texture Paint surface of the middle frame, then a stroke on that
+        # frame (an RGBA image over it) projected into the layer that owns the pixels
+        first = na.blender.lifetime.first_frame(job)
+        n = job.range_stop - job.range_start
+        t_ref = first + n // 2
+        scene.frame_set(t_ref)
+        bpy.ops.neural_atlas.frame_paint(job_id=job_id, frame=t_ref)
+        mesh = next(o for o in bpy.data.objects if o.get(na.blender.frame_paint.KEY) == job.shot).data
+        step(f"frame {t_ref}: Texture Paint mesh of {len(mesh.polygons)} faces, one material per layer")
+        bpy.ops.neural_atlas.frame_paint_end(job_id=job_id)
+        bpy.ops.neural_atlas.paint_image_new(job_id=job_id)
+        paint = next(i for i in bpy.data.images if i.get("neural_atlas_paint_frame") == t_ref)
+        pw, ph = paint.size
+        fa = np.load(os.path.join(job.out_dir, "bake", f"layer_{job.n_layers - 1}_alpha.npy"))[n // 2]
+        yy, xx = np.nonzero(fa.astype(np.float32) > 0.9)
+        py, px = int(yy[len(yy) // 3]), int(xx[len(xx) // 3])
+        stroke = np.zeros((ph, pw, 4), np.float32)
+        rr = max(2, pw // 40)
+        stroke[max(0, py - rr):py + rr + 1, max(0, px - rr):px + rr + 1] = (0.1, 0.9, 0.9, 1.0)
+        images.write_array(paint, stroke)
+        bpy.ops.neural_atlas.project_paint(job_id=job_id, image=paint.name, frame=t_ref, wait=True, timeout=600)
+        step(f"painted a {2 * rr + 1} px square on frame {t_ref} at pixel ({px}, {py}): projected into the edits")
+
+        # 4b. paint a mark into the background layer's edit image where it is seen best
         layer = job.n_layers - 1
         seen = np.load(os.path.join(job.out_dir, "bake", f"atlas_{layer}_seen.npy"))
         k = max(4, seen.shape[0] // 12)
@@ -136,6 +162,11 @@ def main() -> int:
         images.paint_rect(edit, r0, c0, k, k, (1.0, 0.1, 0.6, 1.0))
         bpy.ops.neural_atlas.paint_setup(job_id=job_id, layer=layer)
         step(f"painted a {k}x{k} texel mark at row {r0}, col {c0} of '{edit.name}' (unsaved)")
+
+        # 4c. an edit lifetime: the background's edit fades in over the first quarter of the shot
+        rec = props.settings(scene).shots[job.shot].layers[str(layer)]
+        rec.fade_in = max(1, n // 4)
+        step(f"layer {layer}'s edit fades in over {rec.fade_in} frames")
 
         # 5. Render Edit: saves the edit image, re-renders, places the result above the source
         bpy.ops.neural_atlas.render_edit(job_id=job_id, movie=True)
@@ -148,6 +179,24 @@ def main() -> int:
         placed = vse.find_strip(scene, r.render_strip)
         step(f"edited shot placed on VSE channel {placed.channel}, frames "
              f"{placed.frame_final_start}-{placed.frame_final_end - 1}")
+
+        # 5b. the live preview (no backend): on above the render, its frames against Render Edit's
+        bpy.ops.neural_atlas.preview(job_id=job_id, action="ON")
+        scene.view_settings.view_transform = "Standard"
+        scene.render.dither_intensity = 0.0
+        scene.render.image_settings.file_format, scene.render.image_settings.color_mode = "PNG", "RGB"
+        frames_out = bpy.path.abspath(placed.directory)
+        diffs = []
+        for f in (0, n // 2, n - 1):
+            scene.frame_set(first + f)
+            scene.render.filepath = os.path.join(out, f"preview_{f:05d}.png")
+            bpy.ops.render.render(write_still=True)
+            got = images.file_pixels(scene.render.filepath)[..., :3]
+            ref = images.file_pixels(os.path.join(frames_out, f"{f:05d}.png"))[..., :3]
+            diffs.append(np.abs(np.round(got * 255) - np.round(ref * 255)))
+        agreement = {"mean": round(float(np.mean(diffs)), 4), "max": float(np.max(diffs)),
+                     "frames": [0, n // 2, n - 1]}
+        step(f"live preview vs Render Edit (8-bit): mean {agreement['mean']:.3f}, max {agreement['max']:.0f}")
 
         # 6. save the .blend and the edited movie
         movies = glob.glob(os.path.join(r.out_dir, "**", "*.mp4"), recursive=True)
@@ -166,6 +215,16 @@ def main() -> int:
         if m.returncode == 0:
             step(f"ground truth: edit drift mean {measured['edit_drift_px']['mean']:.2f} px, "
                  f"max {measured['edit_drift_px']['max']:.2f} px; alpha IoU {measured['alpha_iou']:.3f}")
+        # painting on a frame, measured by the backend (a mark per layer through paint_frame)
+        code = ("import json, sys; from backend.demo import measure_frame_paint; "
+                "r = measure_frame_paint(sys.argv[1], sys.argv[2], sys.argv[3]); "
+                "print(json.dumps({k: r[k] for k in ('mean', 'max', 'owner_ok')}))")
+        m = subprocess.run([a.backend_python, "-c", code, job.out_dir, clip, os.path.join(out, "frame_paint")],
+                           capture_output=True, text=True, cwd=ROOT)
+        frame_drift = json.loads(m.stdout.strip().splitlines()[-1]) if m.returncode == 0 else {"error": m.stderr[-500:]}
+        if m.returncode == 0:
+            step(f"ground truth: frame_paint_drift_px mean {frame_drift['mean']:.2f} px, max "
+                 f"{frame_drift['max']:.2f} px, each mark in its own layer: {frame_drift['owner_ok']}")
         step(f"saved {blend}")
         step(f"edited movie: {movie or '(no mp4 encoder in the backend environment)'}")
         step(f"edited frames: {frames_dir}")
@@ -173,6 +232,7 @@ def main() -> int:
                           "edit_image": bpy.path.abspath(edit.filepath), "job_id": job_id,
                           "render_job_id": render_id, "channel": placed.channel, "psnr": job.psnr,
                           "edit_drift_px": measured.get("edit_drift_px"), "alpha_iou": measured.get("alpha_iou"),
+                          "frame_paint_drift_px": frame_drift, "preview_vs_render_8bit": agreement,
                           "seconds": round(time.time() - t0, 1)}), flush=True)
         return 0
     finally:

@@ -7,7 +7,8 @@ import atexit
 
 import bpy
 
-from . import masks, operators, paint, panels, prefs, props, runtime, setup_backend  # noqa: F401
+from . import (frame_paint, lifetime, masks, operators, paint, panels, prefs, preview, props,  # noqa: F401
+               runtime, setup_backend)
 
 _CLASSES = (prefs.NA_Preferences, *props.CLASSES, *operators.CLASSES, *panels.CLASSES, *setup_backend.CLASSES)
 
@@ -21,6 +22,15 @@ def _save_edits_pre(*_args: object) -> None:
         images.save_dirty([i for i in bpy.data.images if i.get(images.KEY_ROLE) == "edit" and i.is_dirty])
     except (RuntimeError, OSError) as e:
         print(f"[neural_atlas] could not save an edit image: {e}")
+
+
+@bpy.app.handlers.persistent
+def _save_edits_before_render(*_args: object) -> None:
+    """In background mode a Cycles render (the live preview's, or any) frees the pixel buffers
+    of every file-backed image that is not packed, unsaved paint included (seen with bpy 5.0.1:
+    ``is_dirty`` drops and the image reloads from disk). Save modified edit images first."""
+    if bpy.app.background:
+        _save_edits_pre()
 
 
 @bpy.app.handlers.persistent
@@ -43,6 +53,10 @@ def register() -> None:
         bpy.app.handlers.save_pre.append(_save_edits_pre)
     if _load_post not in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.append(_load_post)
+    if _save_edits_before_render not in bpy.app.handlers.render_pre:
+        bpy.app.handlers.render_pre.append(_save_edits_before_render)
+    if preview.on_depsgraph_update not in bpy.app.handlers.depsgraph_update_post:
+        bpy.app.handlers.depsgraph_update_post.append(preview.on_depsgraph_update)
     atexit.register(runtime.shutdown)
     atexit.register(setup_backend.shutdown)
 
@@ -52,7 +66,9 @@ def unregister() -> None:
     runtime.reset()  # stops the timer, closes the socket, stops a local backend
     atexit.unregister(runtime.shutdown)
     atexit.unregister(setup_backend.shutdown)
-    for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post)):
+    for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post),
+                    (bpy.app.handlers.depsgraph_update_post, preview.on_depsgraph_update),
+                    (bpy.app.handlers.render_pre, _save_edits_before_render)):
         if fn in lst:
             lst.remove(fn)
     props.unregister()

@@ -15,6 +15,7 @@ import re
 from typing import Any, Optional
 
 import bpy
+import numpy as np
 
 from ..core import jobs as J
 from ..core import strips as S
@@ -150,6 +151,13 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     edits = edit_images(job)
     if not edits:
         raise ActionError("this job has no edit images", "Use Load Atlases first")
+    from ..core import lifetime as L
+    from .lifetime import per_frame
+
+    try:  # the edit lifetime (range, fades, keyframed opacity): the numbers the preview bakes too
+        lifetimes = per_frame(scene, job)
+    except L.LifetimeError as e:
+        raise ActionError(f"{job.label}: {e}", "Fix the edit's frame range or fades") from None
     saved = images.save_dirty(edits)
     # only layers with paint (alpha > 0) are sent; an all-transparent edit changes nothing
     painted = [img for img in edits if float(images.to_array(img)[..., 3].max()) > 0.0] or edits[:1]
@@ -162,7 +170,8 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     # copy what the render record needs first: adding to the collection may move `job`
     keep = {k: getattr(job, k) for k in ("job_id", "label", "strip_name", "source", "range_start",
                                          "range_stop", "src_channel", "src_frame_start", "shot")}
-    token = s.render(keep["job_id"], paths, formats=formats, name=f"{keep['label']} edit")
+    opacity = L.render_field({k: v for k, v in lifetimes.items() if k in paths})
+    token = s.render(keep["job_id"], paths, formats=formats, name=f"{keep['label']} edit", opacity=opacity)
     st = settings(scene)
     r = st.jobs.add()
     r.token, r.kind, r.state, r.parent = token, "render", "submitting", keep.pop("job_id")
@@ -173,6 +182,102 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     runtime.note(f"render of {keep['label']} submitted ({len(saved)} edit images saved, "
                  f"{len(paths)} with paint)")
     return r
+
+
+# ---------------------------------------------------------- paint on a frame
+def project_paint(scene: bpy.types.Scene, job: NA_JobItem, paint: bpy.types.Image, timeline_frame: int,
+                  layer: int = -1) -> NA_JobItem:
+    """Send an RGBA image painted over a frame (straight alpha = coverage) to the backend's
+    paint_frame job: the paint lands in the layers' edit images (``merge_paint`` when done).
+    The edit images are saved and copied first; the copies are what the backend paints over."""
+    import shutil
+
+    from .lifetime import first_frame
+
+    if job.kind != "decompose" or job.state != "done" or not job.atlases_loaded:
+        raise ActionError(f"{job.label}: the decomposition is {job.state}", "Wait until it is done and load the atlases")
+    t0, n = first_frame(job), int(job.range_stop - job.range_start)
+    f = int(timeline_frame) - t0
+    if not 0 <= f < n:
+        raise ActionError(f"frame {timeline_frame} is outside the shot (timeline frames {t0}-{t0 + n - 1})",
+                          "Go to a frame of the shot")
+    try:
+        with open(os.path.join(job.out_dir, "report.json"), encoding="utf-8") as fh:
+            clip = json.load(fh)["clip"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ActionError(f"cannot read the decomposition's report.json: {e}") from None
+    sizes = {(int(clip["width"]), int(clip["height"])), tuple(int(v) for v in clip.get("source_size") or ())}
+    if tuple(paint.size) not in sizes:
+        raise ActionError(f"'{paint.name}' is {paint.size[0]}x{paint.size[1]}; paint at the working resolution "
+                          f"{clip['width']}x{clip['height']} or the source resolution (other sizes are refused, "
+                          "not resampled)", "Use New Paint Image for this frame")
+    if paint.channels != 4:
+        raise ActionError(f"'{paint.name}' has no alpha channel: paint on a transparent RGBA image")
+    edits = edit_images(job)
+    images.save_dirty(edits)
+    base = os.path.join(workspace(), "paint_frame", job.shot, hashlib.sha1(os.urandom(8)).hexdigest()[:12])
+    os.makedirs(base, exist_ok=True)
+    paint_path = os.path.join(base, "paint.png")
+    paint.save(filepath=paint_path, save_copy=True)  # the file is what was painted: nothing is retargeted
+    copies = {}
+    for img in edits:
+        i = int(img[images.KEY_LAYER])
+        copies[i] = os.path.join(base, f"layer_{i}.png")
+        shutil.copyfile(bpy.path.abspath(img.filepath_raw or img.filepath), copies[i])
+    s = runtime.connect()
+    keep = {k: getattr(job, k) for k in ("job_id", "label", "strip_name", "source", "range_start", "range_stop",
+                                         "src_channel", "src_frame_start", "shot")}
+    token = s.paint_frame(keep["job_id"], f, paint_path, layer=layer, edits=copies,
+                          name=f"{keep['label']} paint frame {timeline_frame}")
+    st = settings(scene)
+    r = st.jobs.add()
+    r.token, r.kind, r.state, r.parent = token, "paint_frame", "submitting", keep.pop("job_id")
+    for k, v in keep.items():
+        setattr(r, k, v)
+    r.label, r.paint_base = f"{keep['label']} paint frame {timeline_frame}", base
+    st.active_job = len(st.jobs) - 1
+    runtime.note(f"projecting '{paint.name}' from frame {timeline_frame} of {keep['label']}")
+    return r
+
+
+def _raw_pixels(path: str) -> np.ndarray:
+    a = images.file_pixels(path)
+    return a if a.shape[2] == 4 else np.concatenate([a, np.ones_like(a[..., :1])], -1)
+
+
+def merge_paint(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) -> list[int]:
+    """Put what a paint_frame job painted into the edit images in memory: texels the backend
+    changed take its result; every other texel keeps the edit image as it is now (paint made
+    since the job was sent is kept). Nothing is reloaded. Returns the layers changed."""
+    out = _local_out(job, res, ("edits/",))
+    changed_layers = []
+    for img in images.job_images(job.shot, "edit"):
+        i = int(img[images.KEY_LAYER])
+        result = os.path.join(out, "edits", f"layer_{i}.png")
+        before = os.path.join(job.paint_base, f"layer_{i}.png")
+        if not (os.path.isfile(result) and os.path.isfile(before)):
+            continue
+        new, old = _raw_pixels(result), _raw_pixels(before)
+        if new.shape != old.shape or new.shape[:2] != (img.size[1], img.size[0]):
+            raise ActionError(f"the painted edit of layer {i} is {new.shape[1]}x{new.shape[0]}, the edit image "
+                              f"{img.size[0]}x{img.size[1]}")
+        changed = np.any(new != old, axis=-1)
+        if not changed.any():
+            continue
+        w, h = img.size
+        cur = np.empty(w * h * 4, np.float32)
+        images._pixels(img).foreach_get(cur)
+        cur = cur.reshape(h, w, 4)
+        cur[changed] = new[changed]
+        images._pixels(img).foreach_set(cur.ravel())
+        img.update()
+        changed_layers.append(i)
+    job.out_dir = out
+    from . import preview
+
+    preview.sync(job.shot)
+    runtime.note(f"{job.label}: paint landed in layer(s) {changed_layers or 'none'} (unsaved: Render Edit saves)")
+    return changed_layers
 
 
 # ------------------------------------------------------------------- apply
@@ -239,6 +344,8 @@ def apply(ch: J.Change) -> None:
         try:
             if job.kind == "decompose":
                 load_results(sc, job, res)
+            elif job.kind == "paint_frame":
+                merge_paint(sc, job, res)
             else:
                 place(sc, job, res)
             job.error = job.hint = ""
@@ -283,6 +390,9 @@ def load_results(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) -
                            edit_path(job.shot, layer))
         loaded.append(a)
     job.n_layers = len(loaded)
+    from .lifetime import ensure_records
+
+    ensure_records(scene, job)  # per-layer edit lifetimes (whole shot, opacity 1 to begin with)
     job.atlases_loaded = True
     runtime.note(f"{job.label}: {len(loaded)} atlases loaded; paint on the edit images")
     return loaded

@@ -137,6 +137,22 @@ def to_array(img: bpy.types.Image) -> np.ndarray:
     return np.flipud(a.reshape(h, w, img.channels))
 
 
+def file_pixels(path: str) -> np.ndarray:
+    """A file's pixels as stored, (H, W, C) float32 with the BOTTOM row first (Blender's order),
+    read through a temporary Non-Color, channel-packed image (no colour conversion, no
+    premultiplication) that is removed again."""
+    tmp = bpy.data.images.load(bpy.path.abspath(path), check_existing=False)
+    try:
+        tmp.colorspace_settings.name = "Non-Color"
+        tmp.alpha_mode = "CHANNEL_PACKED"
+        w, h = tmp.size
+        a = np.empty(w * h * tmp.channels, np.float32)
+        _pixels(tmp).foreach_get(a)
+        return a.reshape(h, w, tmp.channels)
+    finally:
+        bpy.data.images.remove(tmp)
+
+
 def write_array(img: bpy.types.Image, a: np.ndarray) -> None:
     """Write (H, W, 4) float32 pixels, row 0 = top, into ``img`` (marks it dirty)."""
     w, h = img.size

@@ -14,7 +14,8 @@ from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 from ..core import jobs as J
 from ..core import strips as S
-from . import actions, images, launcher, paint, runtime, vse
+from ..core import lifetime as L
+from . import actions, frame_paint, images, launcher, paint, preview, runtime, vse
 from .props import NA_JobItem, find_job, settings
 
 
@@ -353,6 +354,194 @@ class NA_OT_render_edit(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def _decomposition(context: bpy.types.Context, job_id: str) -> Optional[NA_JobItem]:
+    """The decomposition a button acts on (a render job's parent stands for it)."""
+    job = _job(context, job_id)
+    if job is not None and job.kind == "render":
+        job = find_job(vse.sequencer_scene(context), job.parent)
+    return job
+
+
+class NA_OT_preview(bpy.types.Operator):
+    """Live preview of the edited shot in the VSE, computed by Blender from the maps (no backend):
+    a scene strip above the source that shows paint as you make it. Off removes it completely"""
+
+    bl_idname = "neural_atlas.preview"
+    bl_label = "Live Preview"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    action: StringProperty(default="TOGGLE", options={"SKIP_SAVE"})  # type: ignore[valid-type]  # ON OFF TOGGLE REFRESH
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        on = preview.is_on(scene, job)
+        try:
+            if self.action == "REFRESH":
+                if on:
+                    preview.refresh_opacity(scene, job)
+            elif self.action == "OFF" or (self.action == "TOGGLE" and on):
+                preview.disable(scene, job)
+            else:
+                strip = preview.enable(scene, job)
+                self.report({"INFO"}, f"Preview of {job.label} on channel {strip.channel}")
+        except preview.PreviewError as e:
+            return _fail(self, e.message, e.hint)
+        except L.LifetimeError as e:
+            return _fail(self, str(e), "Fix the edit's frame range or fades")
+        return {"FINISHED"}
+
+
+class NA_OT_frame_paint(bpy.types.Operator):
+    """Paint on the current frame as seen: Texture Paint on a mesh of this frame whose UVs are the
+    atlas coordinates, so every stroke lands in the layer's edit image (and shows on all frames)"""
+
+    bl_idname = "neural_atlas.frame_paint"
+    bl_label = "Paint on Frame"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    frame: IntProperty(default=-1, options={"SKIP_SAVE"},  # type: ignore[valid-type]
+                       description="Timeline frame to paint on (-1: the current frame)")
+    layer: IntProperty(default=-2, min=-2, options={"SKIP_SAVE"},  # type: ignore[valid-type]
+                       description="Layer to paint into (-1: the owner of each pixel; -2: the shot's setting)")
+    step: IntProperty(name="Mesh step", default=1, min=1, max=16,  # type: ignore[valid-type]
+                      description="One mesh vertex every this many pixels (1: every pixel)")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        frame = scene.frame_current if self.frame < 0 else self.frame
+        layer = self.layer
+        if layer == -2:
+            rec = settings(scene).shots.get(job.shot)
+            layer = int(rec.paint_layer) if rec is not None else -1
+        active = context.active_object
+        if active is not None and active.get(frame_paint.KEY) and active.mode != "OBJECT" \
+                and not bpy.app.background:
+            bpy.ops.object.mode_set(mode="OBJECT")  # the old frame's mesh is about to go
+        try:
+            ob = frame_paint.setup(scene, job, frame, layer, self.step, link_to=context.scene or scene)
+        except frame_paint.FramePaintError as e:
+            return _fail(self, e.message, e.hint)
+        except preview.PreviewError as e:
+            return _fail(self, e.message, e.hint)
+        frame_paint.enter_paint_mode(context, context.scene or scene, ob)
+        rec = settings(scene).shots.get(job.shot)
+        if rec is not None:
+            rec.paint_frame = frame
+        self.report({"INFO"}, f"Painting on frame {frame} of {job.label}: strokes go into the edit images")
+        return {"FINISHED"}
+
+
+class NA_OT_frame_paint_end(bpy.types.Operator):
+    """Stop painting on the frame: save the edit images and remove the frame's painting mesh"""
+
+    bl_idname = "neural_atlas.frame_paint_end"
+    bl_label = "Done Painting"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        job = _decomposition(context, self.job_id)
+        if job is None:
+            return _fail(self, "no decomposition selected")
+        ob = context.active_object
+        if ob is not None and ob.get(frame_paint.KEY) == job.shot and ob.mode != "OBJECT" \
+                and not bpy.app.background:
+            bpy.ops.object.mode_set(mode="OBJECT")
+        images.save_dirty([i for i in images.job_images(job.shot, "edit") if i.is_dirty])
+        frame_paint.remove(job.shot)
+        return {"FINISHED"}
+
+
+class NA_OT_paint_image_new(bpy.types.Operator):
+    """A transparent image of the shot's working size for painting over the current frame in the
+    Image Editor (the frame is its clone/stencil reference); then Project Paint from Image"""
+
+    bl_idname = "neural_atlas.paint_image_new"
+    bl_label = "New Paint Image for Frame"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None or not job.atlases_loaded:
+            return _fail(self, "load the atlases of a finished decomposition first")
+        try:
+            plate = preview.plate_of(job.out_dir)
+            maps = preview.read_maps(job.out_dir)
+        except preview.PreviewError as e:
+            return _fail(self, e.message, e.hint)
+        frame = scene.frame_current
+        img = bpy.data.images.new(f"NA {job.label} paint frame {frame}", maps.width, maps.height, alpha=True)
+        images._pixels(img).foreach_set([0.0] * (maps.width * maps.height * 4))
+        img.update()
+        img["neural_atlas_paint_frame"] = frame
+        ref = None
+        if not plate.movie:
+            ref = frame_paint.plate_image(job, job.shot, frame - frame_paint.first_frame(job))
+        ip = scene.tool_settings.image_paint
+        if ref is not None:
+            ip.clone_image = ref
+        for _win, area in vse.iter_areas("IMAGE_EDITOR"):
+            sp = area.spaces.active
+            if isinstance(sp, bpy.types.SpaceImageEditor):
+                sp.image = img
+                sp.ui_mode = "PAINT"
+                break
+        self.report({"INFO"}, f"Paint on '{img.name}' (transparent = no paint), then Project Paint from Image")
+        return {"FINISHED"}
+
+
+class NA_OT_project_paint(bpy.types.Operator):
+    """Send an RGBA image painted over a frame to the backend: each stroke lands in the edit image
+    of the layer that owns the pixel (or the chosen layer), colour divided by the plate's lighting"""
+
+    bl_idname = "neural_atlas.project_paint"
+    bl_label = "Project Paint from Image"
+
+    job_id: StringProperty()  # type: ignore[valid-type]
+    image: StringProperty(name="Image", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    frame: IntProperty(default=-1, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    layer: IntProperty(default=-2, min=-2, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    wait: BoolProperty(default=False, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+    timeout: FloatProperty(default=0.0, options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        scene = vse.sequencer_scene(context)
+        job = _decomposition(context, self.job_id)
+        if job is None:
+            return _fail(self, "no decomposition selected")
+        img = bpy.data.images.get(self.image) if self.image else getattr(context.space_data, "image", None)
+        if img is None:  # from the VSE: the newest paint image made for this shot's frames
+            made = [i for i in bpy.data.images if i.get("neural_atlas_paint_frame") is not None
+                    and i.name.startswith(f"NA {job.label} paint frame")]
+            img = made[-1] if made else None
+        if img is None:
+            return _fail(self, "no paint image", "Open the painted image in the Image Editor or name it")
+        frame = self.frame
+        if frame < 0:
+            frame = int(img.get("neural_atlas_paint_frame", scene.frame_current))
+        layer = self.layer
+        if layer == -2:
+            rec = settings(scene).shots.get(job.shot)
+            layer = int(rec.paint_layer) if rec is not None else -1
+        try:
+            r = actions.project_paint(scene, job, img, frame, layer)
+        except actions.ActionError as e:
+            return _fail(self, e.message, e.hint)
+        except J.SessionError as e:
+            return _fail(self, e.message, e.hint)
+        if self.wait:
+            return _wait(self, r, self.timeout)
+        return {"FINISHED"}
+
+
 class NA_OT_open_log(bpy.types.Operator):
     """Open the backend's log file"""
 
@@ -402,4 +591,5 @@ class NA_OT_mask_remove(bpy.types.Operator):
 CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_decompose_selected,
            NA_OT_wait,
            NA_OT_cancel, NA_OT_remove_job, NA_OT_load_atlases, NA_OT_paint_setup, NA_OT_save_edits,
-           NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove)
+           NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove, NA_OT_preview,
+           NA_OT_frame_paint, NA_OT_frame_paint_end, NA_OT_paint_image_new, NA_OT_project_paint)

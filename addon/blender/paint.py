@@ -22,13 +22,31 @@ from . import vse
 COLLECTION = "Neural Atlas Paint"
 
 
-def _material(name: str, atlas: bpy.types.Image, edit: bpy.types.Image) -> bpy.types.Material:
-    mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
+def node_material(name: str, reuse: bool = True) -> tuple[bpy.types.Material, bpy.types.NodeTree]:
+    """A material (the existing one of that name when ``reuse``) with an empty node tree."""
+    mat = (bpy.data.materials.get(name) if reuse else None) or bpy.data.materials.new(name)
     if not mat.node_tree:  # Blender < 5.0 creates materials without nodes
         mat.use_nodes = True
     nt = mat.node_tree
     assert nt is not None
     nt.nodes.clear()
+    return mat, nt
+
+
+def image_node(nt: bpy.types.NodeTree, image: bpy.types.Image, label: str, uv_map: str = "") -> bpy.types.Node:
+    """An Image Texture node of ``image``, read through the UV map ``uv_map`` when given."""
+    tex = nt.nodes.new("ShaderNodeTexImage")
+    tex.image = image  # type: ignore[attr-defined]
+    tex.label = label
+    if uv_map:
+        uv = nt.nodes.new("ShaderNodeUVMap")
+        uv.uv_map = uv_map  # type: ignore[attr-defined]
+        nt.links.new(uv.outputs["UV"], tex.inputs["Vector"])
+    return tex
+
+
+def _material(name: str, atlas: bpy.types.Image, edit: bpy.types.Image) -> bpy.types.Material:
+    mat, nt = node_material(name)
     out = nt.nodes.new("ShaderNodeOutputMaterial")
     t_atlas = nt.nodes.new("ShaderNodeTexImage")
     t_atlas.image = atlas  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ import bpy
 
 from ..core import jobs as J
 from ..core import strips as S
-from . import images, runtime, vse
+from . import frame_paint, images, preview, runtime, vse
 from .props import NA_JobItem, settings
 
 STATE_ICONS = {"queued": "SORTTIME", "submitting": "SORTTIME", "running": "PLAY", "cancelling": "CANCEL",
@@ -134,6 +134,7 @@ def draw_job(layout: bpy.types.UILayout, job: NA_JobItem, active: bool) -> None:
             for i in range(job.n_layers):
                 op = row.operator("neural_atlas.paint_setup", text=f"Paint {i}", icon="BRUSH_DATA")
                 op.job_id, op.layer = job.job_id, i
+            draw_shot_edits(box, job)
             dirty = sum(1 for i in images.job_images(job.shot, "edit") if i.is_dirty)
             r = box.row()
             r.scale_y = 1.3
@@ -143,6 +144,47 @@ def draw_job(layout: bpy.types.UILayout, job: NA_JobItem, active: bool) -> None:
                 box.label(text=f"{dirty} edit image(s) unsaved: Render Edit saves them", icon="FILE_TICK")
     if job.kind == "render" and job.placed:
         box.label(text=f"In the VSE as '{job.render_strip}'", icon="SEQ_STRIP_DUPLICATE")
+
+
+def draw_shot_edits(layout: bpy.types.UILayout, job: NA_JobItem) -> None:
+    """Live preview on/off, painting on a frame, and each layer's edit lifetime."""
+    scene = vse.sequencer_scene(bpy.context)
+    on = preview.is_on(scene, job)
+    row = layout.row(align=True)
+    op = row.operator("neural_atlas.preview", text="Live Preview", icon="HIDE_OFF" if on else "HIDE_ON", depress=on)
+    op.job_id, op.action = job.job_id, "TOGGLE"
+    if on:
+        op = row.operator("neural_atlas.preview", text="", icon="FILE_REFRESH")
+        op.job_id, op.action = job.job_id, "REFRESH"
+    rec = settings(scene).shots.get(job.shot)
+    row = layout.row(align=True)
+    op = row.operator("neural_atlas.frame_paint", text=f"Paint on Frame {scene.frame_current}", icon="TPAINT_HLT")
+    op.job_id = job.job_id
+    if any(o.get(frame_paint.KEY) == job.shot for o in bpy.data.objects):
+        op = row.operator("neural_atlas.frame_paint_end", text="", icon="CHECKMARK")
+        op.job_id = job.job_id
+    row = layout.row(align=True)
+    op = row.operator("neural_atlas.paint_image_new", text="New Paint Image", icon="IMAGE_DATA")
+    op.job_id = job.job_id
+    op = row.operator("neural_atlas.project_paint", text="Project", icon="EXPORT")
+    op.job_id = job.job_id
+    if rec is None:
+        return
+    layout.prop(rec, "paint_layer")
+    col = layout.column(align=True)
+    col.label(text="Edit lifetime (timeline frames)", icon="TIME")
+    for item in rec.layers:
+        sub = col.box()
+        r = sub.row(align=True)
+        r.prop(item, "opacity", text=f"Layer {item.name}")
+        r.prop(item, "use_range", text="", icon="PREVIEW_RANGE")
+        if item.use_range:
+            r = sub.row(align=True)
+            r.prop(item, "frame_start")
+            r.prop(item, "frame_end")
+        r = sub.row(align=True)
+        r.prop(item, "fade_in")
+        r.prop(item, "fade_out")
 
 
 class NA_PT_jobs(_AtlasPanel, bpy.types.Panel):

@@ -52,6 +52,38 @@ class NA_JobItem(bpy.types.PropertyGroup):
     parent: StringProperty()  # type: ignore[valid-type]
     render_strip: StringProperty()  # type: ignore[valid-type]
     placed: BoolProperty()  # type: ignore[valid-type]
+    # a paint_frame job: the folder with what it painted over (to tell its paint from the rest)
+    paint_base: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
+
+
+class NA_EditLayer(bpy.types.PropertyGroup):
+    """One layer's edit lifetime (``name`` is the layer index). Frames are timeline frames;
+    ``opacity`` is animatable: keyframe it and Render Edit and the live preview sample it."""
+
+    use_range: BoolProperty(  # type: ignore[valid-type]
+        name="Frame range", default=False,
+        description="Show this layer's edit only from Start to End (timeline frames); off: the whole shot")
+    frame_start: IntProperty(name="Start", description="First timeline frame the edit shows on")  # type: ignore[valid-type]
+    frame_end: IntProperty(name="End", description="Last timeline frame the edit shows on")  # type: ignore[valid-type]
+    fade_in: IntProperty(  # type: ignore[valid-type]
+        name="Fade in", min=0, soft_max=240, description="Frames over which the edit ramps up after Start")
+    fade_out: IntProperty(  # type: ignore[valid-type]
+        name="Fade out", min=0, soft_max=240, description="Frames over which the edit ramps down before End")
+    opacity: FloatProperty(  # type: ignore[valid-type]
+        name="Opacity", default=1.0, min=0.0, max=1.0, subtype="FACTOR",
+        description="Strength of this layer's edit; keyframe it (I over the field) to animate it")
+
+
+class NA_ShotEdits(bpy.types.PropertyGroup):
+    """The edit state of one shot (``name`` is the shot key): per-layer lifetimes, the
+    layer frame painting goes to, and the frame-paint mesh's frame."""
+
+    layers: CollectionProperty(type=NA_EditLayer)  # type: ignore[valid-type]
+    paint_layer: IntProperty(  # type: ignore[valid-type]
+        name="Paint into", default=-1, min=-1, max=7,
+        description="Layer that frame painting goes to: -1 = the layer that owns each pixel "
+                    "(the frontmost by alpha)")
+    paint_frame: IntProperty(default=0)  # type: ignore[valid-type]
 
 
 class NA_SceneSettings(bpy.types.PropertyGroup):
@@ -73,9 +105,10 @@ class NA_SceneSettings(bpy.types.PropertyGroup):
         description="Decompose at most this many frames from the start of the range (0: no limit)")
     jobs: CollectionProperty(type=NA_JobItem)  # type: ignore[valid-type]
     active_job: IntProperty(default=0)  # type: ignore[valid-type]
+    shots: CollectionProperty(type=NA_ShotEdits)  # type: ignore[valid-type]
 
 
-CLASSES = (NA_MaskItem, NA_JobItem, NA_SceneSettings)
+CLASSES = (NA_MaskItem, NA_JobItem, NA_EditLayer, NA_ShotEdits, NA_SceneSettings)
 
 
 def register() -> None:
@@ -96,6 +129,20 @@ def find_job(scene: bpy.types.Scene, job_id: str) -> NA_JobItem | None:
         if j.job_id == job_id:
             return j  # type: ignore[no-any-return]
     return None
+
+
+def shot_edits(scene: bpy.types.Scene, shot: str, n_layers: int = 0) -> NA_ShotEdits:
+    """The edit record of ``shot`` (created on first use), with at least ``n_layers`` layers.
+    Items are named (shot key, layer index) so keyframe paths stay valid when others go."""
+    shots = settings(scene).shots
+    rec = shots.get(shot)
+    if rec is None:
+        rec = shots.add()
+        rec.name = shot
+    while len(rec.layers) < n_layers:
+        item = rec.layers.add()
+        item.name = str(len(rec.layers) - 1)
+    return rec  # type: ignore[no-any-return]
 
 
 def find_job_any(job_id: str) -> tuple[bpy.types.Scene, NA_JobItem] | tuple[None, None]:

@@ -272,19 +272,37 @@ class Session:
 
     def render(self, job_id: str, edits: Mapping[int, str], *, frame_range: Optional[tuple[int, int]] = None,
                formats: Iterable[str] = ("png",), mode: str = "delta", name: Optional[str] = None,
-               token: Optional[str] = None) -> str:
+               token: Optional[str] = None, opacity: Optional[Mapping[str, list[float]]] = None) -> str:
+        """Queue an edit render; ``opacity`` is the per-frame opacity of edit layers
+        (``core.lifetime.render_field``), left out when None."""
         token = token or new_token()
         body = {"job_id": job_id, "edits": {str(int(k)): v for k, v in edits.items()}, "mode": mode,
                 "frame_range": list(frame_range) if frame_range else None, "formats": list(formats),
                 "token": token, "name": name, "watch": True}
+        if opacity:
+            body["opacity"] = {str(k): [float(x) for x in v] for k, v in opacity.items()}
         self.ensure_client().send("render", body, callback=self._on_submitted, timeout=max(self.timeout, 10.0))
+        return token
+
+    def paint_frame(self, job_id: str, frame: int, image: str, *, layer: Optional[int] = None,
+                    edits: Optional[Mapping[int, str]] = None, name: Optional[str] = None,
+                    token: Optional[str] = None) -> str:
+        """Queue painting ``image`` (RGBA over decomposition frame ``frame``) into the edit layers,
+        over ``edits`` (the current edit images); the job's ``edits/layer_<i>.png`` are the result."""
+        token = token or new_token()
+        body = {"job_id": job_id, "frame": int(frame), "image": image,
+                "layer": None if layer is None or layer < 0 else int(layer),
+                "edits": {str(int(k)): v for k, v in edits.items()} if edits else None,
+                "token": token, "name": name, "watch": True}
+        self.ensure_client().send("paint_frame", body, callback=self._on_submitted, timeout=max(self.timeout, 10.0))
         return token
 
     def _on_submitted(self, req: Any) -> None:
         token = req.body.get("token", "")
         if req.ok:
             jid = (req.reply or {}).get("job_id", "")
-            self.jobs.setdefault(jid, {"job_id": jid, "kind": "decompose" if req.kind == "submit" else "render"})
+            kind = {"submit": "decompose"}.get(req.kind, req.kind)  # render, paint_frame
+            self.jobs.setdefault(jid, {"job_id": jid, "kind": kind})
             self.jobs[jid].update({"state": (req.reply or {}).get("state", "queued")})
             self.changes.append(Change("submitted", jid, dict(self.jobs[jid]), token))
         else:

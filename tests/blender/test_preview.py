@@ -1,0 +1,374 @@
+"""The live preview, frame painting and edit lifetime, with the real bpy 5.0.1 and a real
+backend (CPU, the tiny synthetic clip): one decomposition serves every test (ordered).
+
+* the preview, rendered through the VSE headless (Cycles, one sample), matches the backend's
+  Render Edit of the same edits within 1/255 mean and 3/255 max on several frames;
+* per-frame opacity (a keyframed curve, a frame range with a fade) in both outputs equals the
+  curve; a new stroke shows in the preview without any backend call;
+* preview off leaves the file's datablocks, strips and the rendered VSE frame bit for bit as
+  they were, and nothing of the artist's (edit images, atlases) is modified;
+* a decomposition without maps gets a message saying how to add them and changes nothing;
+* the frame-paint mesh: a frame pixel's face carries its owner layer's material and UVs that
+  land on that layer's texel for the pixel.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import BACKEND_PY, ROOT, TMP, read_png, tiny_overrides, use_local_backend
+
+S: dict = {}
+
+
+@pytest.fixture(scope="module")
+def shot(na, clip):
+    import bpy
+
+    na.blender.runtime.reset()
+    bpy.ops.wm.read_homefile(use_empty=True)
+    use_local_backend(na, os.path.join(TMP, "ws_preview"))
+    scene = bpy.context.scene
+    B = na.blender
+    strip = B.vse.add_source_strip(scene, os.path.join(clip, "video_frames"), channel=1, frame_start=3)
+    scene.sequence_editor.active_strip = strip
+    B.vse.fit_scene_to_strip(scene, strip, (64, 36))
+    st = B.props.settings(scene)
+    st.mask_mode, st.mask_folder = "FOLDER", os.path.join(clip, "masks")
+    r = bpy.ops.neural_atlas.decompose(preset="demo", overrides=tiny_overrides(iterations=30), wait=True,
+                                       timeout=600)
+    assert r == {"FINISHED"}
+    job = [j for j in st.jobs if j.kind == "decompose"][-1]
+    assert job.state == "done" and job.atlases_loaded, (job.error, job.hint)
+    # the VSE output as an artist would compare it: Standard view, no dither noise
+    scene.view_settings.view_transform = "Standard"
+    scene.render.dither_intensity = 0.0
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.image_settings.color_mode = "RGB"
+    yield {"scene": scene, "strip": strip, "job_id": job.job_id, "clip": clip}
+    na.blender.runtime.shutdown()
+
+
+def _job(na, scene, kind="decompose"):
+    return [j for j in na.blender.props.settings(scene).jobs if j.kind == kind][-1]
+
+
+def _render(scene, timeline_frame: int, name: str) -> np.ndarray:
+    import bpy
+
+    scene.frame_set(timeline_frame)
+    scene.render.filepath = os.path.join(TMP, f"{name}.png")
+    bpy.ops.render.render(write_still=True)
+    return read_png(scene.render.filepath)[..., :3]
+
+
+def _datablocks():
+    """Names of the file's datablocks (Blender's own Render Result image, which any render makes, aside)."""
+    import bpy
+
+    return {c: sorted(d.name for d in getattr(bpy.data, c) if getattr(d, "type", "") != "RENDER_RESULT") for c in
+            ("scenes", "objects", "cameras", "meshes", "materials", "images", "actions", "node_groups",
+             "collections", "worlds", "textures")}
+
+
+def _strips(scene):
+    return sorted((s.name, s.channel, s.frame_final_start, s.frame_final_end) for s in
+                  scene.sequence_editor.strips_all)
+
+
+def _plate(clip, f):
+    return read_png(os.path.join(clip, "video_frames", f"{f:05d}.png"))[..., :3]
+
+
+def test_preview_without_maps_says_how_to_add_them_and_changes_nothing(na, shot):
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    maps = os.path.join(job.out_dir, "maps")
+    hidden = maps + ".hidden"
+    os.rename(maps, hidden)
+    try:
+        before, strips = _datablocks(), _strips(scene)
+        with pytest.raises(RuntimeError, match="no EXR maps") as e:
+            bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON")
+        assert f"add them with `python -m backend render {job.out_dir} --maps`" in str(e.value)
+        assert _datablocks() == before and _strips(scene) == strips
+        with pytest.raises(na.blender.frame_paint.FramePaintError, match="no EXR maps"):
+            na.blender.frame_paint.setup(scene, job, scene.frame_current)
+        assert _datablocks() == before
+    finally:
+        os.rename(hidden, maps)
+    # a lifetime that ends before it starts: refused with what to fix, by both paths, nothing made
+    rec = na.blender.props.settings(scene).shots[job.shot]
+    item = rec.layers["0"]
+    item.use_range, item.frame_start, item.frame_end = True, 8, 5
+    try:
+        with pytest.raises(RuntimeError, match="layer 0: the edit's frame range 8-5 is empty"):
+            bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON")
+        with pytest.raises(RuntimeError, match="end is before the start"):
+            bpy.ops.neural_atlas.render_edit(job_id=job.job_id)
+        assert _datablocks() == before and _strips(scene) == strips
+        assert len([j for j in na.blender.props.settings(scene).jobs if j.kind == "render"]) == 0
+    finally:
+        item.use_range = False
+
+
+def _paint_and_keyframe(na, scene, job):
+    """Marks on both layers' edits; layer 1: an opacity keyframed 0 -> 1 over the shot; layer 0:
+    a frame range (shot frames 2..7) with a 2-frame fade-in."""
+    B = na.blender
+    edits = {int(e[B.images.KEY_LAYER]): e for e in B.images.job_images(job.shot, "edit")}
+    seen = [np.load(os.path.join(job.out_dir, "bake", f"atlas_{i}_seen.npy")) for i in range(2)]
+    for i, rgba in ((0, (0.1, 0.8, 0.3, 0.75)), (1, (0.9, 0.2, 0.5, 1.0))):
+        k = 14
+        cs = np.pad(seen[i], ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        win = cs[k:, k:] - cs[:-k, k:] - cs[k:, :-k] + cs[:-k, :-k]
+        r0, c0 = np.unravel_index(np.argmax(win), win.shape)
+        B.images.paint_rect(edits[i], int(r0), int(c0), k, k, rgba)
+    t0 = B.lifetime.first_frame(job)
+    rec = B.props.settings(scene).shots[job.shot]
+    path = B.lifetime.layer_path(job.shot, 1) + ".opacity"
+    item = rec.layers["1"]
+    item.opacity = 0.0
+    scene.keyframe_insert(path, frame=t0)
+    item.opacity = 1.0
+    scene.keyframe_insert(path, frame=t0 + 7)
+    lay0 = rec.layers["0"]
+    lay0.use_range, lay0.frame_start, lay0.frame_end, lay0.fade_in = True, t0 + 2, t0 + 7, 2
+    return edits
+
+
+def test_preview_matches_render_edit_on_several_frames(na, shot):
+    import bpy
+
+    scene, job, clip = shot["scene"], _job(na, shot["scene"]), shot["clip"]
+    B = na.blender
+    t0 = B.lifetime.first_frame(job)
+    edits = _paint_and_keyframe(na, scene, job)
+    curve = B.lifetime.per_frame(scene, job)
+    assert curve[1][0] == 0.0 and curve[1][7] == 1.0 and 0 < curve[1][3] < 1  # keyframed ramp
+    assert curve[0][:2] == [0.0, 0.0] and curve[0][2] == pytest.approx(1 / 3) and curve[0][4:] == [1.0] * 4
+    # the exact path: Render Edit (saves the edits, sends the sampled opacity, places the result)
+    assert bpy.ops.neural_atlas.render_edit(job_id=job.job_id, wait=True, timeout=300) == {"FINISHED"}
+    rjob = _job(na, scene, "render")
+    assert rjob.state == "done" and rjob.placed, (rjob.error, rjob.hint)
+    rendered = B.vse.find_strip(scene, rjob.render_strip)
+    frames_dir = bpy.path.abspath(rendered.directory)
+    # the live path: Blender computes the same from the maps
+    before, strips = _datablocks(), _strips(scene)
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON") == {"FINISHED"}
+    strip = B.preview.preview_strip(scene, job.shot)
+    assert strip is not None and strip.type == "SCENE" and strip.channel > rendered.channel
+    assert (strip.frame_final_start, strip.frame_final_end) == (shot["strip"].frame_final_start,
+                                                                shot["strip"].frame_final_end)
+    edited_pixels = 0
+    for f in range(8):
+        got = _render(scene, t0 + f, f"preview_{f}")
+        ref = read_png(os.path.join(frames_dir, f"{f:05d}.png"))[..., :3]
+        d = np.abs(got - ref) * 255
+        assert d.mean() <= 1.0 and d.max() <= 3.0, (f, d.mean(), d.max())
+        edited_pixels += int((np.abs(ref - _plate(clip, f)).max(-1) > 8 / 255).sum())
+        S.setdefault("preview", {})[f] = got
+        S.setdefault("render", {})[f] = ref
+    assert edited_pixels > 200  # the edits are visible: the comparison is not plate vs plate
+    S.update(before=before, strips=strips, curve=curve, edits={i: e.name for i, e in edits.items()})
+
+
+def _layer_deltas(na, job, layer: int) -> dict[int, np.ndarray]:
+    """The backend's full-strength render of one layer's edit, minus the plate, per frame."""
+    B = na.blender
+    edit = B.images.find_image(job.shot, layer, "edit")
+    out = os.path.join(TMP, f"full_{layer}")
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([BACKEND_PY, "-m", "backend", "edit", job.out_dir, "--layer",
+                    f"{layer}={os.path.abspath(edit.filepath)}", "--out", out, "--format", "png", "--quiet"],
+                   check=True, cwd=ROOT, capture_output=True)
+    return {f: read_png(os.path.join(out, "frames", f"{f:05d}.png"))[..., :3] for f in range(8)}
+
+
+def test_per_frame_opacity_follows_the_keyframed_curve_on_both_paths(na, shot):
+    scene, job, clip = shot["scene"], _job(na, shot["scene"]), shot["clip"]
+    curve = S["curve"]
+    full = {i: _layer_deltas(na, job, i) for i in (0, 1)}
+    for f in range(8):
+        plate = _plate(clip, f)
+        d0, d1 = full[0][f] - plate, full[1][f] - plate
+        A = np.stack([d0.ravel(), d1.ravel()], 1)
+        for name in ("render", "preview"):
+            got = S[name][f] - plate
+            # least squares o0, o1 with got = o0 d0 + o1 d1 (the marks do not clip)
+            o, *_ = np.linalg.lstsq(A, got.ravel(), rcond=None)
+            for i in (0, 1):
+                if np.abs((d0, d1)[i]).max() > 0.1:
+                    assert o[i] == pytest.approx(curve[i][f], abs=0.03), (name, f, i, o, curve[i][f])
+
+
+def test_a_new_stroke_shows_in_the_preview_without_the_backend(na, shot):
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    edit = B.images.find_image(job.shot, 1, "edit")
+    on_disk = open(edit.filepath_raw, "rb").read()
+    t0 = B.lifetime.first_frame(job)
+    a = B.images.to_array(edit)
+    seen = np.load(os.path.join(job.out_dir, "bake", "atlas_1_seen.npy"))
+    seen[a[..., 3] > 0] = 0  # somewhere not painted yet, seen best
+    r, c = (int(v) for v in np.unravel_index(np.argmax(seen), seen.shape))
+    r, c = min(max(r, 3), seen.shape[0] - 3), min(max(c, 3), seen.shape[1] - 3)
+    # the frame where most background pixels map onto it, weighted by the layer's opacity there
+    uv = np.load(os.path.join(job.out_dir, "bake", "layer_1_uv.npy"))
+    al = np.load(os.path.join(job.out_dir, "bake", "layer_1_alpha.npy")).astype(np.float32)
+    S_ = seen.shape[0]
+    near = (np.abs((uv[..., 0] + 1) * S_ / 2 - 0.5 - c) < 3) & (np.abs((uv[..., 1] + 1) * S_ / 2 - 0.5 - r) < 3)
+    f = int(np.argmax((near & (al > 0.5)).sum((1, 2)) * np.asarray(S["curve"][1])))
+    B.images.paint_rect(edit, r - 3, c - 3, 6, 6, (0.0, 0.0, 1.0, 1.0))  # unsaved
+    # what the add-on's depsgraph handler and paint timer run after a stroke in the UI
+    assert B.preview.sync() == 1 and B.preview.sync() == 0  # only the changed layer, once
+    got = _render(scene, t0 + f, f"stroke_{f}")
+    assert np.abs(got - S["preview"][f]).max() > 0.1  # the stroke is there at once
+    # a headless Cycles render drops unsaved paint of file-backed images: the add-on saved it first
+    assert open(edit.filepath_raw, "rb").read() != on_disk
+    assert np.array_equal(read_png(edit.filepath_raw)[r - 3:r + 3, c - 3:c + 3],
+                          np.tile(np.float32([0, 0, 1, 1]), (6, 6, 1)))
+    assert B.images.to_array(edit)[r, c].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_preview_off_restores_the_file_bit_for_bit(na, shot):
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    edits = B.images.job_images(job.shot, "edit")
+    atlases = B.images.job_images(job.shot, "atlas")
+    pixels = [B.images.to_array(i).copy() for i in edits + atlases]
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}
+    assert B.preview.preview_strip(scene, job.shot) is None
+    assert not list(B.preview.tagged(job.shot))
+    # exactly what was there before preview on (the render strip, the artist's images, untouched)
+    assert _datablocks() == S["before"] and _strips(scene) == S["strips"]
+    assert all(np.array_equal(p, B.images.to_array(i)) for p, i in zip(pixels, edits + atlases))
+    # and from a file without preview: on + off leaves datablocks, strips, the rendered frame as they were
+    t0 = B.lifetime.first_frame(job)
+    before, strips, frame = _datablocks(), _strips(scene), _render(scene, t0 + 3, "before_on")
+    shading = scene.render.sequencer_gl_preview
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
+    assert B.preview.is_on(scene, job) and scene.render.sequencer_gl_preview == "RENDERED"
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
+    assert _datablocks() == before and _strips(scene) == strips
+    assert scene.render.sequencer_gl_preview == shading
+    assert np.array_equal(_render(scene, t0 + 3, "after_off"), frame)
+
+
+def test_frame_paint_mesh_lands_on_the_owner_layers_texels(na, shot):
+    import bpy
+
+    scene, job, clip = shot["scene"], _job(na, shot["scene"]), shot["clip"]
+    B, fp = na.blender, na.blender.frame_paint
+    t0 = B.lifetime.first_frame(job)
+    before = _datablocks()
+    with pytest.raises(fp.FramePaintError, match="outside the shot"):
+        fp.setup(scene, job, t0 + 8)
+    assert _datablocks() == before
+    f = 5
+    assert bpy.ops.neural_atlas.frame_paint(job_id=job.job_id, frame=t0 + f) == {"FINISHED"}
+    ob = next(o for o in bpy.data.objects if o.get(fp.KEY) == job.shot)
+    me = ob.data
+    assert [m.node_tree.nodes.active.image.name for m in me.materials] == \
+        [B.images.find_image(job.shot, i, "edit").name for i in (0, 1)]
+    assert me.uv_layers.active.name == "Atlas"
+    bake = os.path.join(job.out_dir, "bake")
+    alpha = np.stack([np.load(os.path.join(bake, f"layer_{i}_alpha.npy"))[f].astype(np.float32) for i in (0, 1)])
+    uv = [np.load(os.path.join(bake, f"layer_{i}_uv.npy"))[f] for i in (0, 1)]
+    mi = np.empty(len(me.polygons), np.int32)
+    me.polygons.foreach_get("material_index", mi)
+    ls = np.empty(len(me.polygons), np.int32)
+    me.polygons.foreach_get("loop_start", ls)
+    uvs = np.empty(len(me.loops) * 2, np.float32)
+    me.uv_layers["Atlas"].data.foreach_get("uv", uvs)
+    uvs = uvs.reshape(-1, 2)
+    H, W = alpha.shape[1:]
+    checked = {0: 0, 1: 0}
+    for y in range(1, H):
+        for x in range(W - 1):
+            corners = [(y, x), (y, x + 1), (y - 1, x + 1), (y - 1, x)]  # top-down rows
+            owner = int(np.argmax([sum(alpha[i][c] for c in corners) for i in (0, 1)]))  # frontmost
+            fi = fp.face_at(me, x, y)
+            assert mi[fi] == owner
+            s_, t_ = uvs[ls[fi]]  # the face's first corner is pixel (x, y)
+            S_ = 64
+            u, v = uv[owner][y, x]
+            assert (s_ * S_ - 0.5, (1 - t_) * S_ - 0.5) == pytest.approx(((u + 1) * S_ / 2 - 0.5,
+                                                                            (v + 1) * S_ / 2 - 0.5), abs=1e-3)
+            checked[owner] += 1
+    assert sum(checked.values()) == (H - 1) * (W - 1), checked
+    # the layer the artist picks: every face goes to it, with its own atlas coordinates
+    assert bpy.ops.neural_atlas.frame_paint(job_id=job.job_id, frame=t0 + f, layer=0) == {"FINISHED"}
+    me = next(o for o in bpy.data.objects if o.get(fp.KEY) == job.shot).data
+    me.polygons.foreach_get("material_index", mi)
+    me.polygons.foreach_get("loop_start", ls)
+    me.uv_layers["Atlas"].data.foreach_get("uv", uvs.reshape(-1))
+    assert (mi == 0).all()
+    fi = fp.face_at(me, W // 2, H // 2)
+    u, v = uv[0][H // 2, W // 2]
+    assert tuple(uvs[ls[fi]]) == pytest.approx(((u + 1) / 2, (1 - v) / 2), abs=1e-5)
+    assert bpy.ops.neural_atlas.frame_paint_end(job_id=job.job_id) == {"FINISHED"}
+    assert not any(o.get(fp.KEY) for o in bpy.data.objects)
+
+
+def test_project_paint_from_image_lands_in_the_owner_layer_and_shows_in_the_preview(na, shot):
+    """The headless stand-in for a brush stroke on a frame (Texture Paint cannot run in the bpy
+    module: paint.image_paint segfaults there): an RGBA paint image over frame f, projected by
+    the backend's paint_frame job, merged into the edit images in memory."""
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    t0 = B.lifetime.first_frame(job)
+    f = 6
+    scene.frame_set(t0 + f)
+    assert bpy.ops.neural_atlas.paint_image_new(job_id=job.job_id) == {"FINISHED"}
+    paint = next(i for i in bpy.data.images if i.get("neural_atlas_paint_frame") == t0 + f)
+    assert tuple(paint.size) == (64, 36)
+    # bad input first: another size is refused and nothing is sent or changed
+    wrong = bpy.data.images.new("wrong size", 32, 18, alpha=True)
+    edits = {int(e[B.images.KEY_LAYER]): e for e in B.images.job_images(job.shot, "edit")}
+    before = {i: B.images.to_array(e).copy() for i, e in edits.items()}
+    n_jobs = len(B.props.settings(scene).jobs)
+    with pytest.raises(RuntimeError, match="32x18.*refused"):
+        bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=wrong.name, frame=t0 + f)
+    with pytest.raises(RuntimeError, match="outside the shot"):
+        bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=paint.name, frame=t0 + 40)
+    assert len(B.props.settings(scene).jobs) == n_jobs
+    assert all(np.array_equal(before[i], B.images.to_array(e)) for i, e in edits.items())
+    bpy.data.images.remove(wrong)
+    # a 5 x 5 mark on the frame, where the background owns the pixels
+    alpha = np.load(os.path.join(job.out_dir, "bake", "layer_1_alpha.npy"))[f].astype(np.float32)
+    y, x = 18, 32
+    assert alpha[y, x] > 0.5
+    a = np.zeros((36, 64, 4), np.float32)
+    a[y - 2:y + 3, x - 2:x + 3] = (0.05, 0.95, 0.95, 1.0)
+    B.images.write_array(paint, a)
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON") == {"FINISHED"}
+    plain = _render(scene, t0 + f, "unprojected")
+    assert bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=paint.name, wait=True,
+                                              timeout=300) == {"FINISHED"}
+    pj = _job(na, scene, "paint_frame")
+    assert pj.state == "done" and not pj.error, (pj.error, pj.hint)
+    after = {i: B.images.to_array(e) for i, e in edits.items()}
+    changed = {i: int(np.any(after[i] != before[i], -1).sum()) for i in edits}
+    # the background owns the pixels (the object's layer may share its soft edge, the backend's rule)
+    assert changed[1] > 0 and changed[1] >= changed[0], changed
+    assert edits[1].is_dirty  # in memory; nothing reloaded, Render Edit / save writes it
+    # the preview (synced when the job's paint was merged) shows the mark where it was painted
+    got = _render(scene, t0 + f, "projected")
+    d = np.abs(got - plain).max(-1)
+    assert d[y - 2:y + 3, x - 2:x + 3].mean() > 0.1
+    far = np.ones_like(d, bool)
+    far[y - 5:y + 6, x - 5:x + 6] = False
+    # (far pixels may see the same texels where the tiny test decomposition's mapping folds)
+    assert d[far].mean() * 20 < d[y - 2:y + 3, x - 2:x + 3].mean()
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}
