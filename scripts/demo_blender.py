@@ -112,12 +112,15 @@ def main() -> int:
         # 3. decompose (blocking driver: background mode)
         ov = {"train": {"iterations": a.iterations}} if a.iterations else {}
         step(f"decomposing '{strip.name}' (preset {a.preset})")
-        last = [0.0]
+        last: list = [0.0, ""]
 
-        def progress(ch) -> None:
-            if ch.kind == "job" and time.monotonic() - last[0] > 5:
-                last[0] = time.monotonic()
-                step(f"  {na.core.jobs.progress_text(ch.info)}")
+        def progress(ch) -> None:  # at most one line every 5 s, and only when it says something new
+            if ch.kind != "job" or time.monotonic() - last[0] <= 5:
+                return
+            text = na.core.jobs.progress_text(ch.info)
+            if text != last[1]:
+                last[0], last[1] = time.monotonic(), text
+                step(f"  {text}")
 
         bpy.ops.neural_atlas.decompose(preset=a.preset, overrides=json.dumps(ov) if ov else "")
         job = st.jobs[len(st.jobs) - 1]
