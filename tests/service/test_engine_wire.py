@@ -113,7 +113,7 @@ def test_cancel_mid_training(server_factory, shot):
 
 def test_kill9_mid_training_resumes_from_checkpoint_and_client_reattaches(server_factory, shot):
     srv = _engine_server(server_factory, shot)
-    c = srv.client(timeout=2.0, retries=1)
+    c = srv.client(timeout=5.0, retries=1)
     job = c.submit(shot, preset="demo", overrides=tiny(30, every=4))
     queued = c.submit(shot, preset="demo", overrides=tiny(2, every=1))  # waits behind the first
     c.status(job, watch=True)
