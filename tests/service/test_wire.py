@@ -336,3 +336,18 @@ def test_kill9_server_queued_jobs_stay_queued_and_orphan_worker_checkpoints(serv
     c3 = srv3.client()
     assert c3.status(a)["state"] == "done" and out.stat().st_mtime_ns == mtime
     assert c3.hello()["running"] is None
+
+
+def test_client_options_before_or_after_the_sub_command(server):
+    """`client status --endpoint EP` as well as `client --endpoint EP status` (python -m backend)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ep, keys = server.endpoint, str(server.keys)
+    forms = [["client", "status", "--endpoint", ep, "--keys", keys],
+             ["client", "--endpoint", ep, "--keys", keys, "status"],
+             ["client", "--keys", keys, "hello", "--endpoint", ep, "--timeout", "10"]]
+    for argv in forms:
+        r = subprocess.run([sys.executable, "-m", "backend", *argv], env=env, capture_output=True,
+                           text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, (argv, r.stderr)
+        out = json.loads(r.stdout)
+        assert out.get("jobs") == [] or out.get("session") == server.session, (argv, out)
