@@ -242,7 +242,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     cfg = _config(args)
     rep = run_demo(args.out, cfg, width=args.width, height=args.height, n_frames=args.n_frames,
-                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals())
+                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(),
+                   n_objects=args.objects)
     summary = {k: rep[k] for k in ("psnr", "psnr_no_residual", "alpha_iou", "iterations",
                                    "train_seconds", "total_seconds", "device")}
     summary["edit_drift_px"] = {k: rep["edit_drift_px"][k] for k in ("mean", "max")}
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=72)
     p.add_argument("--n-frames", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objects", type=int, default=1, metavar="N",
+                   help="object layers in the synthetic clip (0-2; default 1), over the background")
     _add_model_opts(p, "demo")
     p.set_defaults(func=cmd_demo)
 
