@@ -78,9 +78,12 @@ def _cancel_on_signals() -> CancelToken:
         print(f"\n{name}: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
         token.cancel(name)
 
-    signal.signal(signal.SIGINT, handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+    # a native library (libtriton's LLVM at the first Triton compile) may replace the C-level
+    # handlers mid-run: the token's polls re-arm them (backend/signals.py)
+    from .signals import SignalGuard
+    guard = SignalGuard(handler, [signal.SIGINT, getattr(signal, "SIGTERM", None)])
+    token.on_poll = guard.check
+    token.signal_guard = guard  # type: ignore[attr-defined]
     return token
 
 
