@@ -78,14 +78,18 @@ def _cancel_on_signals() -> CancelToken:
         print(f"\n{name}: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
         token.cancel(name)
 
-    signal.signal(signal.SIGINT, handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+    # a native library (libtriton's LLVM at the first Triton compile) may replace the C-level
+    # handlers mid-run: the token's polls re-arm them (backend/signals.py)
+    from .signals import SignalGuard
+    guard = SignalGuard(handler, [signal.SIGINT, getattr(signal, "SIGTERM", None)])
+    token.on_poll = guard.check
+    token.signal_guard = guard  # type: ignore[attr-defined]
     return token
 
 
 def _config(args) -> Config:
-    cfg = Config.load(args.config) if getattr(args, "config", None) else preset(args.preset)
+    name = getattr(args, "preset", None) or getattr(args, "preset_default", "seed")
+    cfg = Config.load(args.config) if getattr(args, "config", None) else preset(name)
     overrides: dict = {}
     if getattr(args, "iterations", None) is not None:
         overrides.setdefault("train", {})["iterations"] = args.iterations
@@ -107,11 +111,68 @@ def _frames(text: Optional[str]):
     return parse_frame_range(text)
 
 
+#: Rough training throughput (samples a second, any preset: per sample the small demo model
+#: costs about what the seed's does on a CPU) used only for the up-front notice of a run's
+#: length. GPU: one H200 ran the seed settings at 108-115 it/s of 10k samples and `fast` at
+#: ~61 it/s of 40k (docs/benchmarks.md); CPU: about 3k samples/s per idle core (2-core demo).
+_SAMPLES_PER_S = {"cuda": 1.5e6, "mps": 1e5, "cpu_per_core": 3e3}
+_LONG_S = 30 * 60  # a run longer than this on its device names the faster preset
+
+
+def _fmt_duration(s: float) -> str:
+    if s < 90:
+        return f"{max(1, round(s))} s"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min"
+    return f"{s / 3600:.1f} h" if s < 48 * 3600 else f"{s / 86400:.1f} days"
+
+
+def run_notice(cfg: Config, preset_name: Optional[str], preset_given: bool) -> Optional[str]:
+    """One line saying what a decompose will run (preset, iterations, batch, device) with a rough
+    estimate of its training time and, when that is long for the device, the faster preset.
+    None when the run was chosen explicitly and is not long."""
+    import os
+    t = cfg.train
+    dev = t.device
+    if dev == "auto":
+        try:
+            import torch
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            dev = "cpu"
+    kind = dev.split(":")[0]
+    cores = os.cpu_count() or 1
+    rate = _SAMPLES_PER_S.get(kind) or _SAMPLES_PER_S["cpu_per_core"] * cores
+    est = t.iterations * t.batch_size / rate
+    where = f"{kind} ({cores} cores)" if kind == "cpu" else kind
+    default_note = " (the default, the reference's schedule)" if preset_name == "seed" else " (the default)"
+    what = (f"preset {preset_name}" + ("" if preset_given else default_note)
+            if preset_name else "the --config file")
+    line = (f"[plan] {what}: {t.iterations:,} iterations of {t.batch_size:,} samples on {where}, "
+            f"roughly {_fmt_duration(est)} of training")
+    faster = "demo" if kind == "cpu" else "fast"
+    long = est > _LONG_S and preset_name != faster
+    if long or (not preset_given and preset_name != faster):
+        other = preset(faster).train
+        other_s = other.iterations * other.batch_size / rate
+        why = "a small model for CPUs" if faster == "demo" else "tuned for time to quality on a GPU"
+        line += (f"; --preset {faster} ({why}, {other.iterations:,} iterations) takes roughly "
+                 f"{_fmt_duration(other_s)} (docs/config.md)")
+    elif not preset_given:
+        line += "; pick one with --preset seed|fast|quality|demo (docs/config.md)"
+    return line if (long or not preset_given) else None
+
+
 # ----------------------------------------------------------------- commands
 def cmd_decompose(args) -> int:
     from .pipeline import decompose
     from .preprocess.cli import flow_options, mask_options
     cfg = _config(args)
+    if not args.quiet:
+        given = args.preset is not None or args.config is not None
+        note = run_notice(cfg, None if args.config else (args.preset or "seed"), given)
+        if note:
+            print(note, file=sys.stderr, flush=True)
     detect = mask_options(args)
     if detect is not None and args.masks:
         raise NeuralAtlasError("give either --masks folders or a --detector, not both")
@@ -184,7 +245,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     cfg = _config(args)
     rep = run_demo(args.out, cfg, width=args.width, height=args.height, n_frames=args.n_frames,
-                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals())
+                   seed=args.seed, progress=ConsoleProgress(args.quiet), cancel=_cancel_on_signals(),
+                   n_objects=args.objects)
     summary = {k: rep[k] for k in ("psnr", "psnr_no_residual", "alpha_iou", "iterations",
                                    "train_seconds", "total_seconds", "device")}
     summary["edit_drift_px"] = {k: rep["edit_drift_px"][k] for k in ("mean", "max")}
@@ -213,7 +275,9 @@ def cmd_config(args) -> int:
 
 # ------------------------------------------------------------------ parser
 def _add_model_opts(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", choices=PRESETS, default=default_preset, help="starting configuration")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help=f"starting configuration (default {default_preset})")
+    p.set_defaults(preset_default=default_preset)
     p.add_argument("--config", type=Path, help="TOML configuration file (overrides --preset)")
     p.add_argument("--iterations", type=int, help="training iterations")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -283,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=72)
     p.add_argument("--n-frames", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objects", type=int, default=1, metavar="N",
+                   help="object layers in the synthetic clip (0-2; default 1), over the background")
     _add_model_opts(p, "demo")
     p.set_defaults(func=cmd_demo)
 

@@ -29,6 +29,25 @@ from .synthetic import alpha_iou, make_synthetic_clip, mark_drift, paint_disc
 MARK_COLOURS = [(1.0, 0.1, 0.9), (0.1, 1.0, 0.2), (0.1, 0.4, 1.0)]
 
 
+class NoReferencePixel(ValueError):
+    """A layer has no pixel in view in the frame asked for."""
+
+
+def reference_frame(scene, layer: int, bake) -> tuple[int, np.ndarray, np.ndarray, tuple[int, int]]:
+    """The frame nearest the middle of the shot where ``layer`` is in view, with its baked uv and
+    alpha maps and the reference pixel (at any size, layer count and object motion)."""
+    F = scene.clip.n_frames
+    order = sorted(range(F), key=lambda t: (abs(t - F // 2), t))
+    for t in order:
+        uv_map = np.asarray(bake.uv(layer)[t])
+        a_map = np.asarray(bake.alpha(layer)[t], np.float32)
+        try:
+            return t, uv_map, a_map, reference_point(scene, layer, t, uv_map, a_map)
+        except NoReferencePixel:
+            continue
+    raise ValueError(f"layer {layer} of the synthetic clip is never in view: nothing to measure")
+
+
 def reference_point(scene, layer: int, t: int, uv_map: np.ndarray, alpha_map: np.ndarray) -> tuple[int, int]:
     """A pixel of frame t well inside ``layer`` (ground-truth visible with a margin, alpha high),
     nearest the layer's visible centroid."""
@@ -36,9 +55,16 @@ def reference_point(scene, layer: int, t: int, uv_map: np.ndarray, alpha_map: np
     ys, xs = np.mgrid[0:H, 0:W]
     xy = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float64)
     margin = max(3.0, 0.06 * max(H, W))
+    if (H, W) != (scene.clip.height, scene.clip.width):
+        raise ValueError(f"the decomposition's frames are {W}x{H}, the ground truth's "
+                         f"{scene.clip.width}x{scene.clip.height}: measure at the clip's own size")
     ok = scene.visible(layer, xy, t, margin=margin) & (alpha_map.ravel() > 0.9)
     if not ok.any():
         ok = scene.visible(layer, xy, t, margin=1.0)
+    if not ok.any():
+        ok = scene.visible(layer, xy, t, margin=0.0)
+    if not ok.any():
+        raise NoReferencePixel(f"layer {layer} is not visible in frame {t}")
     pts = xy[ok]
     c = pts.mean(0)
     p = pts[np.argmin(((pts - c) ** 2).sum(-1))]
@@ -61,9 +87,7 @@ def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_px: fl
     from .edit import load_bake
     bake = load_bake(result_dir)
     S = bake.meta["atlas_size"]
-    uv_map = np.asarray(bake.uv(layer)[t_ref])
-    a_map = np.asarray(bake.alpha(layer)[t_ref], np.float32)
-    x, y = reference_point(scene, layer, t_ref, uv_map, a_map)
+    t_ref, uv_map, a_map, (x, y) = reference_frame(scene, layer, bake)
     uv0 = uv_map[y, x].astype(np.float64)
     tex0 = scene.tex_coords_at(layer, t_ref)[y, x]
     radius_texels = max(1.5, radius_px * texels_per_pixel(uv_map, x, y, S))
@@ -87,15 +111,22 @@ def measure(result_dir: str | Path, clip_dir: str | Path, device: str = "cpu") -
     bake = load_bake(result_dir)
     if bake.n_layers != scene.n_layers:
         raise ValueError(f"{result_dir} has {bake.n_layers} layers, the ground truth {scene.n_layers}")
-    t_ref = scene.clip.n_frames // 2
+    t_ref = scene.clip.n_frames // 2  # preferred; a layer out of view there uses the nearest frame
     radius_px = max(2.0, 0.03 * max(scene.clip.width, scene.clip.height))  # 3.8 px at 128 px
     marks = [measure_layer(Path(result_dir), scene, k, t_ref, radius_px, MARK_COLOURS[k % len(MARK_COLOURS)],
                            device) for k in range(scene.n_layers)]
     fg = [np.asarray(bake.alpha(k), np.float32) for k in range(scene.n_objects)]
     iou = alpha_iou(np.max(fg, axis=0), scene.clip.masks.max(-1)) if fg else None
-    return {"edit_drift_px": {"mean": float(np.mean([m["mean_px"] for m in marks])),
-                              "max": float(np.max([m["max_px"] for m in marks])), "per_layer": marks},
-            "alpha_iou": iou}
+    return {"edit_drift_px": {**_drift_summary(marks), "per_layer": marks}, "alpha_iou": iou}
+
+
+def _drift_summary(marks: list[dict]) -> dict:
+    """Mean and max over the layers whose mark was measured in at least one frame (a layer seen
+    too briefly or too small for its mark at this size has none); None when no layer was."""
+    got = [m for m in marks if m["frames_measured"] > 0]
+    return {"mean": float(np.mean([m["mean_px"] for m in got])) if got else None,
+            "max": float(np.max([m["max_px"] for m in got])) if got else None,
+            "layers_measured": len(got)}
 
 
 # ------------------------------------------------------ painting on a frame
@@ -127,9 +158,7 @@ def measure_frame_paint(result_dir: str | Path, clip_dir: str | Path, work_dir: 
     marks = []
     for k in range(scene.n_layers):
         colour = MARK_COLOURS[k % len(MARK_COLOURS)]
-        uv_map = np.asarray(bake.uv(k)[t_ref])
-        a_map = np.asarray(bake.alpha(k)[t_ref], np.float32)
-        x, y = reference_point(scene, k, t_ref, uv_map, a_map)
+        t_ref, uv_map, a_map, (x, y) = reference_frame(scene, k, bake)
         tex0 = scene.tex_coords_at(k, t_ref)[y, x]
         expected, visible = scene.track(k, tex0, margin=radius_px + 1.0)
         painted = paint_frame(result_dir, t_ref, paint_mark(H, W, (x, y), radius_px, colour),
@@ -143,20 +172,46 @@ def measure_frame_paint(result_dir: str | Path, clip_dir: str | Path, work_dir: 
         d.update({"layer": k, "painted_frame": t_ref, "painted_pixel": [x, y], "radius_px": radius_px,
                   "layers_painted": layers, "owner_ok": layers == [k]})
         marks.append(d)
-    return {"mean": float(np.mean([m["mean_px"] for m in marks])),
-            "max": float(np.max([m["max_px"] for m in marks])),
-            "owner_ok": all(m["owner_ok"] for m in marks), "per_layer": marks}
+    return {**_drift_summary(marks), "owner_ok": all(m["owner_ok"] for m in marks), "per_layer": marks}
+
+
+def _no_nan(v):
+    """NaN (a frame not measured) as null: report.json stays strict JSON."""
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_no_nan(x) for x in v]
+    return v
+
+
+def check_demo_args(width: int, height: int, n_frames: int, n_objects: int) -> None:
+    """Refuse, before anything is trained, what the synthetic clip or its yardsticks cannot do."""
+    from .errors import ConfigError
+    if min(width, height) < 16:
+        raise ConfigError(f"the demo clip must be at least 16x16 pixels, got {width}x{height}")
+    if n_frames < 2:
+        raise ConfigError(f"the demo clip needs at least 2 frames, got {n_frames}")
+    if not 0 <= n_objects <= len(MARK_COLOURS) - 1:
+        raise ConfigError(f"--objects must be 0..{len(MARK_COLOURS) - 1} (one mark colour per layer), got {n_objects}")
 
 
 def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 128, height: int = 72,
              n_frames: int = 24, seed: int = 0, progress: Optional[ProgressFn] = None,
-             cancel: Optional[CancelToken] = None, device: str = "auto") -> dict:
+             cancel: Optional[CancelToken] = None, device: str = "auto", n_objects: int = 1) -> dict:
     t0 = time.perf_counter()
-    out = prepare_output(out_dir)
+    check_demo_args(width, height, n_frames, n_objects)
     cfg = config or preset("demo")
     if device != "auto":
         cfg = cfg.replace(train={"device": device})
-    scene = make_synthetic_clip(width=width, height=height, n_frames=n_frames, seed=seed)
+    if cfg.clip.long_edge < max(width, height) or cfg.clip.max_frames < n_frames:
+        # the yardsticks compare with the ground truth pixel for pixel, frame for frame: train
+        # on the whole clip at its own size (a preset's working size would shrink it)
+        cfg = cfg.replace(clip={"long_edge": max(width, height, cfg.clip.long_edge),
+                                "max_frames": max(n_frames, cfg.clip.max_frames)})
+    out = prepare_output(out_dir)
+    scene = make_synthetic_clip(width=width, height=height, n_frames=n_frames, seed=seed, n_objects=n_objects)
     clip_dir = scene.write(out / "clip")
     result = decompose(clip_dir, out / "decomposition", cfg, progress=progress, cancel=cancel)
     dec = json.loads((result / "report.json").read_text())
@@ -184,11 +239,12 @@ def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 
         "train_seconds": dec["seconds"],
         "total_seconds": round(time.perf_counter() - t0, 2),
         "device": dec["device"],
-        "clip": {"width": width, "height": height, "frames": n_frames, "seed": seed, "folder": str(clip_dir)},
+        "clip": {"width": width, "height": height, "frames": n_frames, "seed": seed, "objects": n_objects,
+                 "folder": str(clip_dir)},
         "decomposition": str(result),
         "edited": edited,
         "edits": {k: str(v) for k, v in edits.items()},
         "config": cfg.to_dict(),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(_no_nan(report), indent=1), encoding="utf-8")
     return report

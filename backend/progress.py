@@ -40,6 +40,9 @@ class CancelToken:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        # called on every poll (cheap, throttled by its owner): the CLI's SignalGuard re-arms
+        # Ctrl-C/SIGTERM here when a native library replaced their C-level handlers
+        self.on_poll: Optional[Callable[[], object]] = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.reason = reason
@@ -47,8 +50,10 @@ class CancelToken:
 
     @property
     def cancelled(self) -> bool:
+        if self.on_poll is not None:
+            self.on_poll()
         return self._event.is_set()
 
     def raise_if_cancelled(self) -> None:
-        if self._event.is_set():
+        if self.cancelled:
             raise Cancelled(self.reason or "cancelled")

@@ -53,7 +53,10 @@ def parse(args: list[str]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p) -> None:
+        """Options before or after the command: the top parser holds them with their defaults,
+        each command a copy defaulting to SUPPRESS (as backend/cli_options.py does), so a value
+        given before the command is kept."""
         p.add_argument("--endpoint", help="backend endpoint (default: the add-on preference)")
         p.add_argument("--keys", help="keys folder holding signing.key")
         p.add_argument("--start-backend", metavar="PYTHON", help="start a backend with this interpreter")
@@ -64,7 +67,18 @@ def parse(args: list[str]) -> argparse.Namespace:
         p.add_argument("--save", metavar="OUT.blend", help="save the .blend here at the end")
         p.add_argument("--keep-backend", action="store_true", help="leave a started backend running")
 
-    d = sub.add_parser("decompose", help="put CLIP in the VSE and decompose it")
+    class _Suppressing:
+        def __init__(self, p: argparse.ArgumentParser) -> None:
+            self.p = p
+
+        def add_argument(self, *flags, **kw):
+            return self.p.add_argument(*flags, **{**kw, "default": argparse.SUPPRESS})
+
+    common(ap)
+    shared = argparse.ArgumentParser(add_help=False)
+    common(_Suppressing(shared))
+
+    d = sub.add_parser("decompose", help="put CLIP in the VSE and decompose it", parents=[shared])
     d.add_argument("clip", help="movie file, or folder of frames (a seed layout's video_frames/)")
     d.add_argument("--masks", nargs="+", default=[], help="mask folders (one per object) or one masks/ folder")
     d.add_argument("--frames", metavar="A:B", help="source frames A..B-1 (default: all)")
@@ -75,15 +89,13 @@ def parse(args: list[str]) -> argparse.Namespace:
     d.add_argument("--channel", type=int, default=1)
     d.add_argument("--frame-start", type=int, default=1)
     d.add_argument("--open", metavar="IN.blend", help="open this .blend first (default: an empty scene)")
-    common(d)
 
-    r = sub.add_parser("render", help="re-render a decomposed shot with its edit images")
+    r = sub.add_parser("render", help="re-render a decomposed shot with its edit images", parents=[shared])
     r.add_argument("--blend", required=True, help="a .blend holding the decomposition job")
     r.add_argument("--job", default="", help="decomposition job id (default: the last finished one)")
     r.add_argument("--edit", action="append", default=[], metavar="LAYER=PNG",
                    help="use this PNG (RGBA, atlas size) as layer LAYER's edit image")
     r.add_argument("--movie", action="store_true", help="also write an mp4")
-    common(r)
     try:
         return ap.parse_args(args)
     except SystemExit as e:

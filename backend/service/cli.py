@@ -20,6 +20,8 @@ from typing import Any
 
 from neural_atlas.core import protocol as P
 
+from ..cli_options import shared_options, sub_parsers
+
 EXIT_OK, EXIT_ARGS, EXIT_UNREACHABLE, EXIT_ERROR, EXIT_CANCELLED = 0, 2, 3, 4, 5
 
 
@@ -46,35 +48,26 @@ def add_commands(subparsers) -> None:
     s.set_defaults(func=_serve)
 
     # ------------------------------------------------------------------- keys
+    # options of a command group go before or after its sub-command (backend/cli_options.py)
     k = subparsers.add_parser("keys", help="create the signing key and CURVE certificates")
-    k.add_argument("--keys", type=Path, default=None, help="keys folder (default: the user config dir)")
-    ksub = k.add_subparsers(dest="keys_cmd", required=True)
-    ki = ksub.add_parser("init", help="create signing.key and the server certificate")
+    kadd = sub_parsers(k.add_subparsers(dest="keys_cmd", required=True), shared_options(k, _keys_options))
+    ki = kadd("init", help="create signing.key and the server certificate")
     ki.add_argument("--force", action="store_true", help="replace the server certificate")
     ki.set_defaults(func=_keys_init)
-    ka = ksub.add_parser("add-client", help="make a client certificate and allow it")
+    ka = kadd("add-client", help="make a client certificate and allow it")
     ka.add_argument("name")
     ka.set_defaults(func=_keys_add)
-    ks = ksub.add_parser("show", help="print where the keys are")
+    ks = kadd("show", help="print where the keys are")
     ks.set_defaults(func=_keys_show)
-    for p in (ki, ka, ks):
-        p.add_argument("--keys", type=Path, default=argparse.SUPPRESS)
 
     # ----------------------------------------------------------------- client
     c = subparsers.add_parser("client", help="talk to a running backend")
-    c.add_argument("--endpoint", default=None, help="default: WORKSPACE/server.json, else "
-                                                    f"{P.DEFAULT_ENDPOINT}")
-    c.add_argument("--workspace", type=Path, default=None, help="find the endpoint in its server.json")
-    c.add_argument("--keys", type=Path, default=None, help="keys folder (signing.key, CURVE certificates)")
-    c.add_argument("--curve", action="store_true", help="use CURVE (server.key, client.key_secret in --keys)")
-    c.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt (default 5)")
-    c.add_argument("--retries", type=int, default=2)
-    csub = c.add_subparsers(dest="client_cmd", required=True)
-    csub.add_parser("hello", help="backend, protocol and device information")
-    st = csub.add_parser("status", help="one job, or all jobs without JOB")
+    cadd = sub_parsers(c.add_subparsers(dest="client_cmd", required=True), shared_options(c, _client_options))
+    cadd("hello", help="backend, protocol and device information")
+    st = cadd("status", help="one job, or all jobs without JOB")
     st.add_argument("job_id", nargs="?")
-    csub.add_parser("list", help="all jobs")
-    sb = csub.add_parser("submit", help="queue a decomposition")
+    cadd("list", help="all jobs")
+    sb = cadd("submit", help="queue a decomposition")
     sb.add_argument("source", help="frames folder, seed layout or video")
     sb.add_argument("--mask", action="append", default=[], help="mask folder (repeatable)")
     sb.add_argument("--preset", default=None)
@@ -85,18 +78,31 @@ def add_commands(subparsers) -> None:
     sb.add_argument("--name", default=None)
     sb.add_argument("--upload", action="store_true", help="send the clip over the wire (remote backend)")
     sb.add_argument("--wait", action="store_true", help="wait for the job and print its final state")
-    cc = csub.add_parser("cancel", help="cancel a job")
+    cc = cadd("cancel", help="cancel a job")
     cc.add_argument("job_id")
-    w = csub.add_parser("wait", help="wait until a job finishes")
+    w = cadd("wait", help="wait until a job finishes")
     w.add_argument("job_id")
     w.add_argument("--wait-timeout", type=float, default=None)
-    r = csub.add_parser("result", help="output files of a finished job")
+    r = cadd("result", help="output files of a finished job")
     r.add_argument("job_id")
     r.add_argument("--download", type=Path, default=None, help="fetch atlases/report into this folder")
-    d = csub.add_parser("delete", help="delete a finished or queued job and its files")
+    d = cadd("delete", help="delete a finished or queued job and its files")
     d.add_argument("job_id")
-    csub.add_parser("shutdown", help="stop the backend (a running job resumes on restart)")
+    cadd("shutdown", help="stop the backend (a running job resumes on restart)")
     c.set_defaults(func=_client)
+
+
+def _keys_options(p) -> None:
+    p.add_argument("--keys", type=Path, default=None, help="keys folder (default: the user config dir)")
+
+
+def _client_options(p) -> None:
+    p.add_argument("--endpoint", default=None, help=f"default: WORKSPACE/server.json, else {P.DEFAULT_ENDPOINT}")
+    p.add_argument("--workspace", type=Path, default=None, help="find the endpoint in its server.json")
+    p.add_argument("--keys", type=Path, default=None, help="keys folder (signing.key, CURVE certificates)")
+    p.add_argument("--curve", action="store_true", help="use CURVE (server.key, client.key_secret in --keys)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per attempt (default 5)")
+    p.add_argument("--retries", type=int, default=2, help="attempts after the first (default 2)")
 
 
 def add_executor_arguments(p: argparse.ArgumentParser) -> None:

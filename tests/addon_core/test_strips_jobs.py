@@ -97,7 +97,7 @@ def test_session_against_a_real_server(tmp_path):
                              "--allow-root", str(tmp_path / "ws")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not (tmp_path / "keys" / "signing.key").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         s = J.Session(f"tcp://127.0.0.1:{port}", keys_dir=str(tmp_path / "keys"), timeout=3, retries=3)

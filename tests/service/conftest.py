@@ -53,7 +53,7 @@ class ServerProc:
         logf.close()
         if not wait:
             return self
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 d = json.loads(info.read_text())

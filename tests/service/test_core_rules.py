@@ -44,7 +44,7 @@ def _python313() -> str | None:
     for c in filter(None, cands):
         try:
             r = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2] == (3, 13))"],
-                               capture_output=True, text=True, timeout=30)
+                               capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired):
             continue
         if r.stdout.strip() == "True":
