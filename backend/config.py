@@ -50,6 +50,10 @@ class ModelConfig:
     xyt_grid: GridConfig = field(default_factory=GridConfig)
     # "auto" picks triton on CUDA, then tinycudann if importable, else torch
     encoding_backend: str = "auto"
+    # how the MLPs are evaluated in training (backend/model/mlp_backend.py): torch (the reference),
+    # compile (torch.compile / Inductor), triton (fused Triton kernels for the 64-wide networks,
+    # Inductor for the mapping) or auto (the measured winner on CUDA, torch on CPU)
+    mlp_backend: str = "auto"
 
 
 @dataclass
@@ -189,6 +193,8 @@ class Config:
             (m.mapping_layers >= 2 and m.texture_layers >= 2, "MLPs need >= 2 layers"),
             (m.encoding_backend in ("auto", "torch", "triton", "tcnn"),
              "model.encoding_backend must be auto|torch|triton|tcnn"),
+            (m.mlp_backend in ("auto", "torch", "compile", "triton"),
+             "model.mlp_backend must be auto|torch|compile|triton"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
             (c.max_frames >= 2, "clip.max_frames must be >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
