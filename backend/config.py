@@ -104,6 +104,9 @@ class TrainConfig:
     # tf32 lets matrix products use TF32 tensor cores (the seed is plain fp32).
     cuda_graphs: bool = True
     tf32: bool = False
+    # the loss algebra (every term but the residual consistency) through torch.compile: a few
+    # fused kernels instead of a few hundred small ones (same expressions; CUDA only)
+    compile_losses: bool = False
     # evaluate full-frame PSNR every N iterations (0: never); its time is not training time
     eval_every: int = 0
 

@@ -26,6 +26,7 @@ Importing this module without a usable triton raises ImportError.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,7 +36,7 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"triton is not usable here: {exc}") from exc
 
-__all__ = ["fused_mlp", "supports", "MAX_WIDTH", "interpreting"]
+__all__ = ["fused_mlp", "supports", "MAX_WIDTH", "interpreting", "KernelOptions", "set_options"]
 
 MAX_WIDTH = 64  # registers: a block's activations and the program's weight gradients
 MAX_MID = 2
@@ -156,18 +157,40 @@ def _mlp_bwd_kernel(X, W0, B0, WM, BMID, WO, BO, GY, GX, n, sx, n_blocks,
 
 
 # ------------------------------------------------------------------------------ launch
-_FWD_BLOCK = 128
-_BWD_BLOCK = 64
+@dataclass(frozen=True)
+class KernelOptions:
+    """Launch shapes (scripts/bench/mlp_kernels.py --sweep measures alternatives)."""
+
+    fwd_block: int = 128
+    fwd_warps: int = 4
+    bwd_block: int = 64
+    bwd_warps: int = 8
+    bwd_programs_per_sm: int = 2
+
+
+OPTIONS = KernelOptions()
+
+
+def set_options(**kw) -> KernelOptions:
+    """Change the launch shapes process-wide (benchmarks); returns the previous options."""
+    global OPTIONS
+    old, OPTIONS = OPTIONS, replace(OPTIONS, **kw)
+    return old
 
 
 def _prec() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
 
 
+_SMS: dict[int, int] = {}
+
+
 def _programs(device: torch.device, n_blocks: int) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_blocks, 2 * sms))
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SMS:
+            _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return max(1, min(n_blocks, OPTIONS.bwd_programs_per_sm * _SMS[idx]))
     return max(1, min(n_blocks, 4))
 
 
@@ -185,9 +208,10 @@ def _forward(x, w0, b0, wm, bm, wo, bo):
         return y
     wm_ = wm if wm is not None else w0  # unused when NMID == 0
     bm_ = bm if bm is not None else b0
-    grid = (triton.cdiv(n, _FWD_BLOCK),)
-    _mlp_fwd_kernel[grid](x, w0, b0, wm_, bm_, wo, bo, y, n, x.stride(0), BLOCK=_FWD_BLOCK,
-                          num_warps=4, **meta)
+    o = OPTIONS
+    grid = (triton.cdiv(n, o.fwd_block),)
+    _mlp_fwd_kernel[grid](x, w0, b0, wm_, bm_, wo, bo, y, n, x.stride(0), BLOCK=o.fwd_block,
+                          num_warps=o.fwd_warps, **meta)
     return y
 
 
@@ -196,19 +220,21 @@ def _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx: bool):
     meta = _meta(x, w0, wm, wo)
     k0, wid, no, n_mid = meta["K0"], meta["WID"], meta["NO"], meta["NMID"]
     dev = x.device
-    n_blocks = triton.cdiv(n, _BWD_BLOCK)
+    o = OPTIONS
+    n_blocks = triton.cdiv(n, o.bwd_block)
     P = _programs(dev, max(n_blocks, 1))
     f32 = dict(device=dev, dtype=torch.float32)
-    pw0, pb0 = torch.zeros(P, wid, k0, **f32), torch.zeros(P, wid, **f32)
-    pwm, pbm = torch.zeros(P, max(n_mid, 1), wid, wid, **f32), torch.zeros(P, max(n_mid, 1), wid, **f32)
-    pwo, pbo = torch.zeros(P, no, wid, **f32), torch.zeros(P, no, **f32)
+    new = torch.empty if n > 0 else torch.zeros  # every program writes all of its partials
+    pw0, pb0 = new(P, wid, k0, **f32), new(P, wid, **f32)
+    pwm, pbm = new(P, max(n_mid, 1), wid, wid, **f32), new(P, max(n_mid, 1), wid, **f32)
+    pwo, pbo = new(P, no, wid, **f32), new(P, no, **f32)
     gx = torch.empty(n, k0, **f32) if need_dx else pb0
     if n > 0:
         wm_ = wm if wm is not None else w0
         bm_ = bm if bm is not None else b0
         _mlp_bwd_kernel[(P,)](x, w0, b0, wm_, bm_, wo, bo, gy, gx, n, x.stride(0), n_blocks,
-                              pw0, pb0, pwm, pbm, pwo, pbo, BLOCK=_BWD_BLOCK, NEED_DX=need_dx,
-                              num_warps=4, **meta)
+                              pw0, pb0, pwm, pbm, pwo, pbo, BLOCK=o.bwd_block, NEED_DX=need_dx,
+                              num_warps=o.bwd_warps, **meta)
     grads = [pw0.sum(0), pb0.sum(0), pwm.sum(0)[:n_mid] if n_mid else None,
              pbm.sum(0)[:n_mid] if n_mid else None, pwo.sum(0), pbo.sum(0)]
     return (gx if need_dx else None), grads

@@ -70,12 +70,14 @@ _COMPILED: dict[str, object] = {}
 def _compiled(act: str):
     fn = _COMPILED.get(act)
     if fn is None:
-        import functools
-
         import torch._dynamo
+
+        def network(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+            return reference_mlp(x, act, *params)
+
         # one graph per network kind and layer count; batch sizes are symbolic (dynamic=True)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        fn = torch.compile(functools.partial(reference_mlp, act=act), dynamic=True, fullgraph=True)
+        fn = torch.compile(network, dynamic=True, fullgraph=True)
         _COMPILED[act] = fn
     return fn
 

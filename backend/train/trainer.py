@@ -53,6 +53,46 @@ class _Graph:
     losses: dict
 
 
+def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global: bool, residuals: bool,
+               uv: list, rgb: list, res: list, alpha: torch.Tensor, gt: torch.Tensor, dx_gt: torch.Tensor,
+               dy_gt: torch.Tensor, target: Optional[torch.Tensor], ok_fw: torch.Tensor,
+               ok_bw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one step but the residual consistency, from the networks' outputs.
+
+    uv: N x (G, B, 2) mapping outputs per query group (0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw,
+    5/6 rigidity, 7/8 global rigidity); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
+    groups 0-4; ``target`` the bootstrapping masks (None: that term is off). A pure function of
+    tensors and constants, so that torch.compile can fuse it (``train.compile_losses``)."""
+    N = len(uv)
+    d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
+    color = sum(rgb[i] * res[i] * alpha[:3, :, i:i + 1] for i in range(N))  # (3, B, 3)
+    out: dict[str, torch.Tensor] = {}
+    out["rgb"] = lc.rgb * L.rgb_loss(color[0], gt)
+    if lc.gradient:
+        out["gradient"] = lc.gradient * L.gradient_loss(color[0], color[1], color[2], dx_gt, dy_gt)
+    if N > 1:
+        if lc.sparsity:
+            out["sparsity"] = lc.sparsity * L.sparsity_loss([r[0] for r in rgb], alpha[0])
+        if target is not None:
+            out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
+        if lc.alpha_reg:
+            out["alpha_reg"] = lc.alpha_reg * L.alpha_reg_loss(alpha[0])
+        if lc.flow_alpha:
+            out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
+    for i in range(N):
+        s = uv_scales[i]
+        if lc.optical_flow:
+            out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
+                uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
+        if lc.rigidity:
+            out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d)
+        if use_global and global_weights[i]:
+            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
+        if residuals and lc.residual_reg:
+            out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
+    return out
+
+
 class Trainer:
     def __init__(self, clip: Clip, flow, config: Config, device: Optional[torch.device] = None,
                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
@@ -81,6 +121,7 @@ class Trainer:
         self.state = TrainState()
         self._graphs: dict[tuple, _Graph] = {}
         self._eager_in_phase: dict[tuple, int] = {}
+        self._compiled_terms = None
         # constants used inside the step (no host-to-device copies while a graph is captured)
         self._patch_offsets = torch.tensor([[0, 0], [-1, -1], [-1, 0], [-1, 1], [0, 1], [1, 1], [1, 0], [1, -1],
                                             [0, -1]], device=self.device)
@@ -188,40 +229,38 @@ class Trainer:
         rgb = [m.texture(i, uv[i][:3].reshape(-1, 2)).view(3, B, 3) for i in range(N)]
         res = [m.residual(i, uv[i][:3].reshape(-1, 2), t3).view(3, B, 3) for i in range(N)]
         alpha = m.alpha(xyt[:5 * B]).view(5, B, N)
-        color = sum(rgb[i] * res[i] * alpha[:3, :, i:i + 1] for i in range(N))  # (3, B, 3)
 
-        out: dict[str, torch.Tensor] = {}
         gt = data.color(b)
         dx_gt, dy_gt = data.color_gradients(b)
-        out["rgb"] = lc.rgb * L.rgb_loss(color[0], gt)
-        if lc.gradient:
-            out["gradient"] = lc.gradient * L.gradient_loss(color[0], color[1], color[2], dx_gt, dy_gt)
-        if N > 1:
-            if lc.sparsity:
-                out["sparsity"] = lc.sparsity * L.sparsity_loss([r[0] for r in rgb], alpha[0])
-            if lc.alpha_bootstrapping and iteration <= lc.alpha_bootstrapping_stop:
-                target = data.targets[b.f, b.y, b.x].float()
-                out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
-            if lc.alpha_reg:
-                out["alpha_reg"] = lc.alpha_reg * L.alpha_reg_loss(alpha[0])
-            if lc.flow_alpha:
-                out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
-        for i in range(N):
-            s = m.uv_scales[i]
-            if lc.optical_flow:
-                out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
-                    uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
-            if lc.rigidity:
-                out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d)
-            w_global = self.global_rigidity_weight(i)
-            if use_global and w_global:
-                out[f"global_rigidity_{i}"] = w_global * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
-            if m.residuals is not None:
-                if lc.residual_reg:
-                    out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
-                if lc.residual_consistent:
-                    out[f"residual_consistent_{i}"] = lc.residual_consistent * self.residual_consistency(i, B)
+        bootstrap = N > 1 and bool(lc.alpha_bootstrapping) and iteration <= lc.alpha_bootstrapping_stop
+        target = data.targets[b.f, b.y, b.x].float() if bootstrap else None
+        out = self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
+                                 rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
+                                 target, ok_fw, ok_bw)
+        if m.residuals is not None and lc.residual_consistent:
+            rc = {i: lc.residual_consistent * self.residual_consistency(i, B) for i in range(N)}
+            # each layer's term after that layer's others: the order (and so the sum) of before
+            merged: dict[str, torch.Tensor] = {}
+            keys = list(out)
+            for i in range(N):
+                mine = [k for k in keys if k.rsplit("_", 1)[-1] == str(i)]
+                at = keys.index(mine[-1]) + 1 if mine else len(keys)
+                keys.insert(at, f"residual_consistent_{i}")
+            for k in keys:
+                merged[k] = out[k] if k in out else rc[int(k.rsplit("_", 1)[-1])]
+            out = merged
         return out
+
+    def _loss_terms(self):
+        """:func:`loss_terms`, through torch.compile (one fused graph for the loss algebra, forward and
+        backward) when ``train.compile_losses`` is set on CUDA."""
+        if not (self.cfg.train.compile_losses and self.device.type == "cuda"):
+            return loss_terms
+        if self._compiled_terms is None:
+            import torch._dynamo
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._compiled_terms = torch.compile(loss_terms, dynamic=False)
+        return self._compiled_terms
 
     def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
         """method.md 2.5: residual patches at the frame border, compared with other times."""
