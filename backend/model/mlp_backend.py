@@ -38,6 +38,8 @@ def resolve(name: str, device: torch.device | str) -> str:
     if name == "auto":
         return AUTO_CUDA if device.type == "cuda" else "torch"
     if name == "triton" and importlib.util.find_spec("triton") is None:
+        if device.type != "cuda":
+            return "torch"  # what every backend is on a CPU anyway
         raise ConfigError("model.mlp_backend = 'triton' needs the triton package (not importable here)")
     return name
 
