@@ -20,6 +20,16 @@ Matrix products are ``tl.dot`` in TF32 when ``torch.backends.cuda.matmul.allow_t
 (what the PyTorch path does then: the ``fast`` preset) and in IEEE fp32 otherwise, fp32
 accumulation either way. Numerics against the PyTorch reference: tests/engine/test_fused_mlp.py.
 
+Wider networks (the 4 x 256 mapping) do not fit a program's registers: :func:`chain_mlp` keeps
+cuBLAS for the matrix products and fuses everything around them. Forward: each hidden layer is
+one ``_addmm_activation`` (cuBLASLt's bias + ReLU epilogue: no separate bias or ReLU pass); the
+hidden activations are kept for the backward. Backward: one Triton kernel per hidden layer
+reads the incoming gradient and the activation once, writes ``d = g * (h > 0)`` and that block's
+bias-gradient column sums (the ReLU backward and the bias reduction in one pass); for the last
+hidden layer the incoming gradient ``g = dL/dy W_o`` (2 outputs) is formed in the same kernel
+from ``dL/dy``, so the (B, 256) ``g`` is never written. Weight and input gradients are cuBLAS
+products of ``d``.
+
 Importing this module without a usable triton raises ImportError.
 """
 
@@ -36,7 +46,7 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"triton is not usable here: {exc}") from exc
 
-__all__ = ["fused_mlp", "supports", "MAX_WIDTH", "interpreting", "KernelOptions", "set_options"]
+__all__ = ["fused_mlp", "chain_mlp", "supports", "MAX_WIDTH", "interpreting", "KernelOptions", "set_options"]
 
 MAX_WIDTH = 64  # registers: a block's activations and the program's weight gradients
 MAX_MID = 2
@@ -274,3 +284,113 @@ def fused_mlp(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.T
                          f"out={wo.shape[0]} layers={len(weights)}")
     return _FusedMLPFunction.apply(x, w0.contiguous(), b0.contiguous(), wm, bm,
                                    wo.contiguous(), bo.contiguous())
+
+
+# ------------------------------------------------------------------- wide networks (chain)
+@triton.jit
+def _relu_bwd_kernel(G, GY, WO, H, D, PB, n, rows_per_prog,
+                     WID: tl.constexpr, NO: tl.constexpr, FROM_HEAD: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """d = g * (h > 0) over a (rows_per_prog, BLOCK_C) slab; column sums of d to PB[pid_r].
+    FROM_HEAD: g = GY (n, NO) @ WO (NO, WID), formed here (NO small)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < WID
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    r0 = pid_r * rows_per_prog
+    for start in range(r0, r0 + rows_per_prog, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        rmask = (rows < n) & (rows < r0 + rows_per_prog)
+        r64 = rows[:, None].to(tl.int64)
+        m2 = rmask[:, None] & cmask[None, :]
+        h = tl.load(H + r64 * WID + cols[None, :], mask=m2, other=0.0)
+        if FROM_HEAD:
+            g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+            for j in tl.static_range(NO):
+                gy = tl.load(GY + rows.to(tl.int64) * NO + j, mask=rmask, other=0.0)
+                w = tl.load(WO + j * WID + cols, mask=cmask, other=0.0)
+                g += gy[:, None] * w[None, :]
+        else:
+            g = tl.load(G + r64 * WID + cols[None, :], mask=m2, other=0.0)
+        d = tl.where(h > 0.0, g, 0.0)
+        tl.store(D + r64 * WID + cols[None, :], d, mask=m2)
+        acc += tl.sum(d, axis=0)
+    tl.store(PB + pid_r.to(tl.int64) * WID + cols, acc, mask=cmask)
+
+
+_CHAIN_BLOCK_R = 32
+_CHAIN_BLOCK_C = 128
+
+
+def _relu_bwd(h: torch.Tensor, g: torch.Tensor | None = None, gy: torch.Tensor | None = None,
+              wo: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, column sums of d) for d = g * (h > 0); g given, or formed as gy @ wo."""
+    n, wid = h.shape
+    d = torch.empty_like(h)
+    bc = min(_CHAIN_BLOCK_C, _p2(wid))
+    n_col = triton.cdiv(wid, bc)
+    if h.device.type == "cuda":
+        idx = h.device.index if h.device.index is not None else torch.cuda.current_device()
+        if idx not in _SMS:
+            _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        target = 8 * _SMS[idx] // n_col
+    else:
+        target = 4
+    rows_per = max(_CHAIN_BLOCK_R, triton.cdiv(triton.cdiv(max(n, 1), max(target, 1)), _CHAIN_BLOCK_R) * _CHAIN_BLOCK_R)
+    n_row = triton.cdiv(max(n, 1), rows_per)
+    pb = torch.empty(n_row, wid, device=h.device, dtype=torch.float32)
+    head = g is None
+    no = wo.shape[0] if head else 1
+    _relu_bwd_kernel[(n_row, n_col)](g if not head else h, gy if head else h, wo if head else h, h, d, pb,
+                                     n, rows_per, WID=wid, NO=no, FROM_HEAD=head,
+                                     BLOCK_R=_CHAIN_BLOCK_R, BLOCK_C=bc, num_warps=4)
+    return d, pb.sum(0)
+
+
+class _ChainMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, *params):  # type: ignore[override]
+        ws, bs = params[0::2], params[1::2]
+        hs = []
+        h = x
+        for w, b in zip(ws[:-1], bs[:-1]):
+            h = torch._addmm_activation(b, h, w.t())
+            hs.append(h)
+        y = torch.addmm(bs[-1], h, ws[-1].t())
+        ctx.save_for_backward(x, *hs, *ws)
+        ctx.n_hidden = len(hs)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        L = ctx.n_hidden
+        x, hs, ws = saved[0], saved[1:1 + L], saved[1 + L:]
+        gy = gy.to(torch.float32).contiguous()
+        grads: list = [None] * (2 * (L + 1))
+        grads[2 * L] = gy.t() @ hs[-1]
+        grads[2 * L + 1] = gy.sum(0)
+        d, db = _relu_bwd(hs[-1], gy=gy, wo=ws[-1].contiguous())
+        gx = None
+        for l in range(L - 1, -1, -1):
+            inp = hs[l - 1] if l > 0 else x
+            grads[2 * l] = d.t() @ inp
+            grads[2 * l + 1] = db
+            if l > 0:
+                d, db = _relu_bwd(hs[l - 1], g=d @ ws[l])
+            elif ctx.needs_input_grad[0]:
+                gx = d @ ws[0]
+        return (gx, *grads)
+
+
+def chain_mlp(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """Same function as :func:`fused_mlp` for any width: cuBLAS products with the bias/ReLU work
+    fused around them (module docstring)."""
+    if len(weights) < 2 or len(weights) != len(biases):
+        raise ValueError("chain_mlp needs at least two Linear layers, one bias each")
+    if weights[-1].shape[0] > 16:
+        raise ValueError("chain_mlp forms the last layer's gradient in-kernel: at most 16 outputs")
+    x = x.to(torch.float32).contiguous()
+    params = [t for w, b in zip(weights, biases) for t in (w, b)]
+    return _ChainMLPFunction.apply(x, *params)

@@ -4,9 +4,11 @@
 * ``compile``: the same function through ``torch.compile`` (Inductor: cuBLAS matrix products
   with the bias, ReLU, ReLU-backward and bias-gradient work fused into generated Triton kernels;
   the output activation fused too), one compiled graph per network kind, shapes dynamic.
-* ``triton``: the hand-written fully fused kernels of :mod:`backend.model.fused_mlp` for every
-  network they take (width <= 64: texture, residual, alpha), ``compile`` for the others (the
-  256-wide mapping network, too wide to keep in registers).
+* ``triton``: the hand-written kernels of :mod:`backend.model.fused_mlp`: fully fused forward and
+  backward for every network they take (width <= 64: texture, residual, alpha); for the 256-wide
+  mapping (too wide to keep in registers) the "chain": cuBLAS products with cuBLASLt's bias+ReLU
+  epilogue and one Triton kernel per layer for the ReLU backward and the bias gradient.
+  No Inductor, so no compilation time beyond Triton's JIT.
 * ``auto``: the measured winner on CUDA (``AUTO_CUDA``, docs/benchmarks.md), ``torch`` elsewhere.
 
 Only training-time calls (autograd on, a CUDA tensor) take the compiled or fused path; without
@@ -118,13 +120,16 @@ class MLP(nn.Sequential):
         return fm is not None and fm.supports(self.in_dim, self.width, self.out_dim, self.n_layers - 2)
 
     def path(self, x: torch.Tensor) -> str:
-        """The path a call with ``x`` takes: torch, compile or triton."""
+        """The path a call with ``x`` takes: torch, compile, triton (fully fused) or chain."""
         if self.backend == "torch" or not torch.is_grad_enabled():
             return "torch"
-        if self.backend == "triton" and self.fused_ok():
+        if self.backend == "triton":
             fm = _fused_module()
-            if x.device.type == "cuda" or fm.interpreting():
+            if fm is None or not (x.device.type == "cuda" or fm.interpreting()):
+                return "torch"
+            if self.fused_ok():
                 return "triton"
+            return "chain" if self.out_dim <= 16 else "torch"
         if x.device.type != "cuda":
             return "torch"
         return "compile"
@@ -134,8 +139,9 @@ class MLP(nn.Sequential):
         if p == "torch":
             return activation(super().forward(x), self.act)
         lin = self.linears
-        if p == "triton":
-            y = _fused_module().fused_mlp(x, [m.weight for m in lin], [m.bias for m in lin])
-            return activation(y, self.act)
+        if p in ("triton", "chain"):
+            fm = _fused_module()
+            fn = fm.fused_mlp if p == "triton" else fm.chain_mlp
+            return activation(fn(x, [m.weight for m in lin], [m.bias for m in lin]), self.act)
         params = [t for m in lin for t in (m.weight, m.bias)]
         return _compiled(self.act)(x, *params)

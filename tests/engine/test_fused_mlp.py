@@ -120,6 +120,37 @@ def test_unsupported_shape_is_refused():
         fm.fused_mlp(torch.zeros(4, 3, device=DEVICE), ws, bs)
 
 
+CHAIN_CASES = [
+    (3, 256, 2, 4, 100),   # the mapping network
+    (3, 64, 2, 3, 37),
+    (32, 48, 3, 2, 5),     # width not a multiple of the column block
+]
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_chain_matches_reference(case):
+    """The wide-network path (cuBLAS products, fused ReLU backward and bias gradients)."""
+    in_dim, width, out_dim, layers, B = case
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    ws, bs = _net(in_dim, width, out_dim, layers, gen)
+    x = torch.randn(B, in_dim, generator=gen).to(DEVICE).requires_grad_()
+    gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        y = fm.chain_mlp(x, ws, bs)
+        ref = _reference(x, ws, bs)
+        got = torch.autograd.grad(y, [x] + ws + bs, gy)
+        want = torch.autograd.grad(ref, [x] + ws + bs, gy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert _rel(y, ref) < 2e-6, f"forward (seed {seed})"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape
+        assert _rel(g, w) < 1e-5, f"gradient {i} {_rel(g, w):.2e} (seed {seed})"
+
+
 def test_mlp_module_paths_agree():
     """The model's MLP module gives the same values and gradients on its torch and triton paths;
     without gradients it always takes the reference."""
@@ -138,6 +169,9 @@ def test_mlp_module_paths_agree():
     with torch.no_grad():
         net.backend = "triton"
         assert net.path(x) == "torch"
+    wide = MLP(3, 2, 256, 4, "tanh").to(DEVICE)
+    wide.backend = "triton"
+    assert wide.path(x[:, :3]) == "chain"
     state = net.state_dict()
     assert list(state) == [f"{i}.{k}" for i in (0, 2, 4, 6) for k in ("weight", "bias")]
 
@@ -146,6 +180,12 @@ def test_mlp_module_paths_agree():
 @pytest.mark.parametrize("B", [1, 1000, 40_000, 333_333])
 def test_fused_cuda_sizes(B):
     _check(32, 64, 3, 4, B)
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled kernels: needs CUDA")
+@pytest.mark.parametrize("B", [1, 777, 360_000])
+def test_chain_cuda_sizes(B):
+    test_chain_matches_reference((3, 256, 2, 4, B))
 
 
 @pytest.mark.skipif(not CUDA, reason="TF32 products: needs CUDA")
