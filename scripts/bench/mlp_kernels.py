@@ -103,7 +103,6 @@ def run_sweep(args, dev) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=40_000)
-    ap.add_argument("--layers", type=int, default=2, help="model layers (mapping/texture/residual each)")
     ap.add_argument("--backends", nargs="+", default=["torch", "compile", "triton"])
     ap.add_argument("--fp32", action="store_true", help="IEEE fp32 products instead of TF32")
     ap.add_argument("--sweep", action="store_true",
