@@ -227,7 +227,19 @@ class Trainer:
         xyt3 = xyt[:3 * B]
         t3 = xyt3[:, 2:3]
         rgb = [m.texture(i, uv[i][:3].reshape(-1, 2)).view(3, B, 3) for i in range(N)]
-        res = [m.residual(i, uv[i][:3].reshape(-1, 2), t3).view(3, B, 3) for i in range(N)]
+        # each layer's residual once per step: groups 0-2 and the consistency term's queries together
+        rc_on = m.residuals is not None and bool(lc.residual_consistent)
+        queries = [self.consistency_queries(i, B) for i in range(N)] if rc_on else None
+        res, others = [], []
+        for i in range(N):
+            uv3 = uv[i][:3].reshape(-1, 2)
+            if rc_on:
+                q = queries[i]
+                r = m.residual(i, torch.cat([uv3, q["uv"]]), torch.cat([t3, q["t"]]))
+                res.append(r[:3 * B].view(3, B, 3))
+                others.append(r[3 * B:].view(q["shape"]))
+            else:
+                res.append(m.residual(i, uv3, t3).view(3, B, 3))
         alpha = m.alpha(xyt[:5 * B]).view(5, B, N)
 
         gt = data.color(b)
@@ -237,8 +249,10 @@ class Trainer:
         out = self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
                                  rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
                                  target, ok_fw, ok_bw)
-        if m.residuals is not None and lc.residual_consistent:
-            rc = {i: lc.residual_consistent * self.residual_consistency(i, B) for i in range(N)}
+        if rc_on:
+            rc = {i: lc.residual_consistent * L.residual_consistency_loss(queries[i]["target"], others[i],
+                                                                           queries[i]["invisible"])
+                  for i in range(N)}
             # each layer's term after that layer's others: the order (and so the sum) of before
             merged: dict[str, torch.Tensor] = {}
             keys = list(out)
@@ -262,8 +276,12 @@ class Trainer:
             self._compiled_terms = torch.compile(loss_terms, dynamic=False)
         return self._compiled_terms
 
-    def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
-        """method.md 2.5: residual patches at the frame border, compared with other times."""
+    def consistency_queries(self, layer: int, batch: int) -> dict:
+        """method.md 2.5, the sampling half: residual patches at the frame border and the frames at
+        which their atlas points are compared. Everything here is without gradient (one mapping
+        pass for the patches and the test points, one residual pass for the targets); the residual
+        at ``uv``/``t`` is what the loss differentiates, evaluated by the caller (batched with the
+        step's main residual evaluation in :meth:`compute_losses`)."""
         g, m, T = self.geom, self.model, self.cfg.losses.residual_consistent_frames
         W, H, F_ = g.width, g.height, g.n_frames
         n = max(batch // (9 * T), 1)
@@ -281,20 +299,26 @@ class Trainer:
         pf = f[:, None].expand(n, 9).reshape(-1).float()
         xyt_patch = g.xyt(px, py, pf)
         tn = self._randint(0, F_, (T, n))
-        with torch.no_grad():
-            uv_patch = m.mapping(layer, xyt_patch)  # (9n, 2), no gradient reaches the mapping
-            uv_test = m.mapping(layer, g.xyt(x.float().expand(T, n).reshape(-1), y.float().expand(T, n).reshape(-1),
-                                             tn.reshape(-1).float())).view(T, n, 2)
+        xyt_test = g.xyt(x.float().expand(T, n).reshape(-1), y.float().expand(T, n).reshape(-1),
+                         tn.reshape(-1).float())
+        with torch.no_grad():  # no gradient reaches the mapping or the targets
+            uv_both = m.mapping(layer, torch.cat([xyt_patch, xyt_test]))
+            uv_patch, uv_test = uv_both[:9 * n], uv_both[9 * n:].view(T, n, 2)
             target = m.residual(layer, uv_patch, xyt_patch[:, 2:3]).view(n, 9, 3)
         t_rep = g.t(tn.float())[:, :, None].expand(T, n, 9).reshape(-1, 1)
         uv_rep = uv_patch.view(1, n * 9, 2).expand(T, n * 9, 2).reshape(-1, 2)
-        other = m.residual(layer, uv_rep, t_rep).view(T, n, 9, 3)
         centre = uv_patch.view(n, 9, 2)[:, 0]
         du = uv_test[..., 0] - centre[:, 0]
         dv = uv_test[..., 1] - centre[:, 1]
         invisible = torch.where(group == 0, du > 0, torch.where(group == 1, du < 0,
                                 torch.where(group == 2, dv > 0, dv < 0)))
-        return L.residual_consistency_loss(target, other, invisible)
+        return {"uv": uv_rep, "t": t_rep, "target": target, "invisible": invisible, "shape": (T, n, 9, 3)}
+
+    def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
+        """method.md 2.5: residual patches at the frame border, compared with other times."""
+        q = self.consistency_queries(layer, batch)
+        other = self.model.residual(layer, q["uv"], q["t"]).view(q["shape"])
+        return L.residual_consistency_loss(q["target"], other, q["invisible"])
 
     def _eager_step(self, iteration: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(iteration)
