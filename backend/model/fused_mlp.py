@@ -43,6 +43,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"triton is not usable here: {exc}") from exc
 
@@ -173,9 +174,15 @@ class KernelOptions:
 
     fwd_block: int = 128
     fwd_warps: int = 4
-    bwd_block: int = 64
-    bwd_warps: int = 8
-    bwd_programs_per_sm: int = 2
+    fwd_stages: int = 0  # 0: Triton's default
+    bwd_block: int = 32  # H200 (fused-1): 64 with the default pipelining needs 320 KB of shared memory
+    bwd_warps: int = 4
+    bwd_programs_per_sm: int = 4  # large: one block per program (no persistent loop)
+    bwd_stages: int = 0
+
+
+# the last launch's compiled-kernel facts per direction (registers, spills, shared memory)
+LAST_LAUNCH: dict[str, dict] = {}
 
 
 OPTIONS = KernelOptions()
@@ -220,9 +227,19 @@ def _forward(x, w0, b0, wm, bm, wo, bo):
     bm_ = bm if bm is not None else b0
     o = OPTIONS
     grid = (triton.cdiv(n, o.fwd_block),)
-    _mlp_fwd_kernel[grid](x, w0, b0, wm_, bm_, wo, bo, y, n, x.stride(0), BLOCK=o.fwd_block,
-                          num_warps=o.fwd_warps, **meta)
+    st = {"num_stages": o.fwd_stages} if o.fwd_stages else {}
+    k = _mlp_fwd_kernel[grid](x, w0, b0, wm_, bm_, wo, bo, y, n, x.stride(0), BLOCK=o.fwd_block,
+                              num_warps=o.fwd_warps, **st, **meta)
+    _record("fwd", k)
     return y
+
+
+def _record(direction: str, k) -> None:
+    try:
+        LAST_LAUNCH[direction] = {"regs": int(k.n_regs), "spills": int(k.n_spills),
+                                  "shared": int(k.metadata.shared)}
+    except Exception:  # interpreter / other Triton versions: no handle facts
+        pass
 
 
 def _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx: bool):
@@ -242,9 +259,17 @@ def _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx: bool):
     if n > 0:
         wm_ = wm if wm is not None else w0
         bm_ = bm if bm is not None else b0
-        _mlp_bwd_kernel[(P,)](x, w0, b0, wm_, bm_, wo, bo, gy, gx, n, x.stride(0), n_blocks,
-                              pw0, pb0, pwm, pbm, pwo, pbo, BLOCK=o.bwd_block, NEED_DX=need_dx,
-                              num_warps=o.bwd_warps, **meta)
+        st = {"num_stages": o.bwd_stages} if o.bwd_stages else {}
+        try:
+            k = _mlp_bwd_kernel[(P,)](x, w0, b0, wm_, bm_, wo, bo, gy, gx, n, x.stride(0), n_blocks,
+                                      pw0, pb0, pwm, pbm, pwo, pbo, BLOCK=o.bwd_block, NEED_DX=need_dx,
+                                      num_warps=o.bwd_warps, **st, **meta)
+        except OutOfResources:
+            if o.bwd_block <= 16 and o.bwd_stages == 1:
+                raise
+            set_options(bwd_block=max(16, o.bwd_block // 2), bwd_stages=1)  # and keep it
+            return _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx)
+        _record("bwd", k)
     grads = [pw0.sum(0), pb0.sum(0), pwm.sum(0)[:n_mid] if n_mid else None,
              pbm.sum(0)[:n_mid] if n_mid else None, pwo.sum(0), pbo.sum(0)]
     return (gx if need_dx else None), grads

@@ -67,10 +67,12 @@ def graph_time(fn, reps: int = 30, inner: int = 5) -> float:
     return ts[len(ts) // 2], out
 
 
-SWEEP = (dict(), dict(fwd_block=64), dict(fwd_block=256, fwd_warps=8), dict(fwd_warps=8),
-         dict(bwd_warps=4), dict(bwd_block=32, bwd_warps=4, bwd_programs_per_sm=4),
-         dict(bwd_block=128, bwd_programs_per_sm=1), dict(bwd_programs_per_sm=1),
-         dict(bwd_programs_per_sm=4, bwd_warps=4), dict(bwd_block=32, bwd_programs_per_sm=2))
+SWEEP = (dict(), dict(bwd_stages=1), dict(bwd_block=64, bwd_stages=1), dict(bwd_block=64, bwd_warps=8, bwd_stages=1),
+         dict(bwd_programs_per_sm=1000), dict(bwd_programs_per_sm=1000, bwd_stages=1),
+         dict(bwd_block=64, bwd_programs_per_sm=1000, bwd_stages=1),
+         dict(bwd_block=64, bwd_warps=8, bwd_programs_per_sm=1000, bwd_stages=1),
+         dict(bwd_block=16, bwd_programs_per_sm=1000), dict(bwd_programs_per_sm=2, bwd_warps=8),
+         dict(fwd_block=64), dict(fwd_block=256, fwd_warps=8), dict(fwd_stages=1))
 
 
 def run_sweep(args, dev) -> list[dict]:
@@ -83,7 +85,11 @@ def run_sweep(args, dev) -> list[dict]:
     x = (torch.rand(n, 32, device=dev) * 2 - 1).requires_grad_(True)
     gy = torch.randn(n, 3, device=dev)
     targets = [x] + list(net.parameters())
-    out = []
+    def torch_fwd():
+        with torch.no_grad():
+            return net(x)
+    out = [{"options": "torch forward (reference)", "fwd_ms": round(graph_time(torch_fwd)[0], 4)}]
+    print("sweep", json.dumps(out[-1]), flush=True)
     for kw in SWEEP:
         old = fm.set_options(**kw)
         try:
@@ -91,7 +97,13 @@ def run_sweep(args, dev) -> list[dict]:
                 y = net(x)
                 return (y, *torch.autograd.grad(y, targets, gy))
             ms, _ = graph_time(step)
-            out.append({"options": kw, "ms": round(ms, 4)})
+
+            def fwd():
+                with torch.no_grad():
+                    return fm.fused_mlp(x, [m.weight for m in net.linears], [m.bias for m in net.linears])
+            fwd_ms, _ = graph_time(fwd)
+            out.append({"options": kw, "ms": round(ms, 4), "fwd_ms": round(fwd_ms, 4),
+                        "kernels": dict(fm.LAST_LAUNCH)})
         except Exception as exc:
             out.append({"options": kw, "error": f"{type(exc).__name__}: {exc}"[:200]})
         finally:
