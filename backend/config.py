@@ -50,6 +50,10 @@ class ModelConfig:
     xyt_grid: GridConfig = field(default_factory=GridConfig)
     # "auto" picks triton on CUDA, then tinycudann if importable, else torch
     encoding_backend: str = "auto"
+    # how the MLPs are evaluated in training (backend/model/mlp_backend.py): torch (the reference),
+    # compile (torch.compile / Inductor), triton (fused Triton kernels for the 64-wide networks,
+    # Inductor for the mapping) or auto (the measured winner on CUDA, torch on CPU)
+    mlp_backend: str = "auto"
 
 
 @dataclass
@@ -100,6 +104,9 @@ class TrainConfig:
     # tf32 lets matrix products use TF32 tensor cores (the seed is plain fp32).
     cuda_graphs: bool = True
     tf32: bool = False
+    # the loss algebra (every term but the residual consistency) through torch.compile: a few
+    # fused kernels instead of a few hundred small ones (same expressions; CUDA only)
+    compile_losses: bool = False
     # evaluate full-frame PSNR every N iterations (0: never); its time is not training time
     eval_every: int = 0
 
@@ -189,6 +196,8 @@ class Config:
             (m.mapping_layers >= 2 and m.texture_layers >= 2, "MLPs need >= 2 layers"),
             (m.encoding_backend in ("auto", "torch", "triton", "tcnn"),
              "model.encoding_backend must be auto|torch|triton|tcnn"),
+            (m.mlp_backend in ("auto", "torch", "compile", "triton"),
+             "model.mlp_backend must be auto|torch|compile|triton"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
             (c.max_frames >= 2, "clip.max_frames must be >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),

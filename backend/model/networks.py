@@ -16,51 +16,48 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..config import ModelConfig
 from ..encodings import make_grid
+from .mlp_backend import MLP, resolve
 
 ALPHA_EPS = 1e-5
 
 
-def mlp(in_dim: int, out_dim: int, width: int, layers: int) -> nn.Sequential:
-    """Linear-ReLU stack with ``layers`` Linear layers (the seed's EncodingMLP without encoding)."""
-    mods: list[nn.Module] = [nn.Linear(in_dim, width), nn.ReLU()]
-    for _ in range(layers - 2):
-        mods += [nn.Linear(width, width), nn.ReLU()]
-    mods.append(nn.Linear(width, out_dim))
-    return nn.Sequential(*mods)
+def mlp(in_dim: int, out_dim: int, width: int, layers: int, act: str = "none") -> MLP:
+    """Linear-ReLU stack with ``layers`` Linear layers (the seed's EncodingMLP without encoding) and
+    the output activation ``act``; evaluated by the model's ``mlp_backend`` (mlp_backend.py)."""
+    return MLP(in_dim, out_dim, width, layers, act)
 
 
 class MappingNet(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.mlp = mlp(3, 2, cfg.mapping_width, cfg.mapping_layers)
+        self.mlp = mlp(3, 2, cfg.mapping_width, cfg.mapping_layers, "tanh")
 
     def forward(self, xyt: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.mlp(xyt))
+        return self.mlp(xyt)
 
 
 class TextureNet(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str, device: torch.device, seed: int) -> None:
         super().__init__()
         self.grid = make_grid(2, cfg.texture_grid, backend, device, seed=seed)
-        self.mlp = mlp(self.grid.n_output_dims, 3, cfg.texture_width, cfg.texture_layers)
+        self.mlp = mlp(self.grid.n_output_dims, 3, cfg.texture_width, cfg.texture_layers, "tanh01")
 
     def forward(self, uv: torch.Tensor) -> torch.Tensor:
-        return (torch.tanh(self.mlp(self.grid(uv * 0.5 + 0.5))) + 1.0) * 0.5
+        return self.mlp(self.grid(uv * 0.5 + 0.5))
 
 
 class ResidualNet(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str, device: torch.device, seed: int) -> None:
         super().__init__()
         self.grid = make_grid(3, cfg.xyt_grid, backend, device, seed=seed)
-        self.mlp = mlp(self.grid.n_output_dims, 3, cfg.residual_width, cfg.residual_layers)
+        self.mlp = mlp(self.grid.n_output_dims, 3, cfg.residual_width, cfg.residual_layers, "softplus")
 
     def forward(self, uv: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         uvt = torch.cat([uv, t], dim=-1)
-        return F.softplus(self.mlp(self.grid(uvt * 0.5 + 0.5)))
+        return self.mlp(self.grid(uvt * 0.5 + 0.5))
 
 
 class AlphaNet(nn.Module):
@@ -68,10 +65,10 @@ class AlphaNet(nn.Module):
         super().__init__()
         self.n_layers = n_layers
         self.grid = make_grid(3, cfg.xyt_grid, backend, device, seed=seed)
-        self.mlp = mlp(self.grid.n_output_dims, n_layers - 1, cfg.alpha_width, cfg.alpha_layers)
+        self.mlp = mlp(self.grid.n_output_dims, n_layers - 1, cfg.alpha_width, cfg.alpha_layers, "tanh01")
 
     def forward(self, xyt: torch.Tensor) -> torch.Tensor:
-        a = (torch.tanh(self.mlp(self.grid(xyt * 0.5 + 0.5))) + 1.0) * 0.5
+        a = self.mlp(self.grid(xyt * 0.5 + 0.5))
         return hierarchical_alpha(a)
 
 
@@ -123,7 +120,17 @@ class LayeredModel(nn.Module):
                                        for i in range(n_layers)) if cfg.use_residual else None
         self.alpha_net = AlphaNet(n_layers, cfg, backend, device, 1339 + seed) if n_layers > 1 else None
         self.uv_scales = [cfg.uv_scale_fg] * (n_layers - 1) + [cfg.uv_scale_bg]
+        self.set_mlp_backend(cfg.mlp_backend, device)
         self.to(device)
+
+    def set_mlp_backend(self, name: str, device: torch.device | str | None = None) -> str:
+        """Evaluate every MLP with ``name`` (torch|compile|triton|auto, resolved for ``device``)."""
+        dev = device if device is not None else next(self.parameters()).device
+        self.mlp_backend = resolve(name, dev)
+        for mod in self.modules():
+            if isinstance(mod, MLP):
+                mod.backend = self.mlp_backend
+        return self.mlp_backend
 
     @property
     def grid_backend(self) -> str:

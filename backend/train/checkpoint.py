@@ -78,6 +78,16 @@ def read_meta(folder: Path) -> dict | None:
         raise CheckpointError(f"checkpoint {p} is unreadable: {e}") from None
 
 
+# fields that change how a step is computed, not what it computes: a run resumes across them
+_EXECUTION_ONLY = {"model": ("mlp_backend",)}
+
+
+def _comparable(section, name: str):
+    if not isinstance(section, dict):
+        return section
+    return {k: v for k, v in section.items() if k not in _EXECUTION_ONLY.get(name, ())}
+
+
 def compatible(meta: dict, trainer) -> str | None:
     """None if the checkpoint can be resumed by this trainer, else the reason."""
     cfg = trainer.cfg.to_dict()
@@ -88,7 +98,7 @@ def compatible(meta: dict, trainer) -> str | None:
     if meta.get("geometry") != [trainer.geom.width, trainer.geom.height, trainer.geom.n_frames]:
         return "checkpoint was trained on a different clip size"
     for sec in _MATCH:
-        if meta["config"].get(sec) != cfg[sec]:
+        if _comparable(meta["config"].get(sec), sec) != _comparable(cfg[sec], sec):
             return f"config section [{sec}] differs from the checkpoint's"
     for k in _MATCH_TRAIN:
         if meta["config"]["train"].get(k) != cfg["train"][k]:

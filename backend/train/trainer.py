@@ -53,6 +53,46 @@ class _Graph:
     losses: dict
 
 
+def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global: bool, residuals: bool,
+               uv: list, rgb: list, res: list, alpha: torch.Tensor, gt: torch.Tensor, dx_gt: torch.Tensor,
+               dy_gt: torch.Tensor, target: Optional[torch.Tensor], ok_fw: torch.Tensor,
+               ok_bw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one step but the residual consistency, from the networks' outputs.
+
+    uv: N x (G, B, 2) mapping outputs per query group (0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw,
+    5/6 rigidity, 7/8 global rigidity); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
+    groups 0-4; ``target`` the bootstrapping masks (None: that term is off). A pure function of
+    tensors and constants, so that torch.compile can fuse it (``train.compile_losses``)."""
+    N = len(uv)
+    d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
+    color = sum(rgb[i] * res[i] * alpha[:3, :, i:i + 1] for i in range(N))  # (3, B, 3)
+    out: dict[str, torch.Tensor] = {}
+    out["rgb"] = lc.rgb * L.rgb_loss(color[0], gt)
+    if lc.gradient:
+        out["gradient"] = lc.gradient * L.gradient_loss(color[0], color[1], color[2], dx_gt, dy_gt)
+    if N > 1:
+        if lc.sparsity:
+            out["sparsity"] = lc.sparsity * L.sparsity_loss([r[0] for r in rgb], alpha[0])
+        if target is not None:
+            out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
+        if lc.alpha_reg:
+            out["alpha_reg"] = lc.alpha_reg * L.alpha_reg_loss(alpha[0])
+        if lc.flow_alpha:
+            out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
+    for i in range(N):
+        s = uv_scales[i]
+        if lc.optical_flow:
+            out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
+                uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
+        if lc.rigidity:
+            out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d)
+        if use_global and global_weights[i]:
+            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
+        if residuals and lc.residual_reg:
+            out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
+    return out
+
+
 class Trainer:
     def __init__(self, clip: Clip, flow, config: Config, device: Optional[torch.device] = None,
                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
@@ -81,6 +121,7 @@ class Trainer:
         self.state = TrainState()
         self._graphs: dict[tuple, _Graph] = {}
         self._eager_in_phase: dict[tuple, int] = {}
+        self._compiled_terms = None
         # constants used inside the step (no host-to-device copies while a graph is captured)
         self._patch_offsets = torch.tensor([[0, 0], [-1, -1], [-1, 0], [-1, 1], [0, 1], [1, 1], [1, 0], [1, -1],
                                             [0, -1]], device=self.device)
@@ -186,45 +227,61 @@ class Trainer:
         xyt3 = xyt[:3 * B]
         t3 = xyt3[:, 2:3]
         rgb = [m.texture(i, uv[i][:3].reshape(-1, 2)).view(3, B, 3) for i in range(N)]
-        res = [m.residual(i, uv[i][:3].reshape(-1, 2), t3).view(3, B, 3) for i in range(N)]
+        # each layer's residual once per step: groups 0-2 and the consistency term's queries together
+        rc_on = m.residuals is not None and bool(lc.residual_consistent)
+        queries = [self.consistency_queries(i, B) for i in range(N)] if rc_on else None
+        res, others = [], []
+        for i in range(N):
+            uv3 = uv[i][:3].reshape(-1, 2)
+            if rc_on:
+                q = queries[i]
+                r = m.residual(i, torch.cat([uv3, q["uv"]]), torch.cat([t3, q["t"]]))
+                res.append(r[:3 * B].view(3, B, 3))
+                others.append(r[3 * B:].view(q["shape"]))
+            else:
+                res.append(m.residual(i, uv3, t3).view(3, B, 3))
         alpha = m.alpha(xyt[:5 * B]).view(5, B, N)
-        color = sum(rgb[i] * res[i] * alpha[:3, :, i:i + 1] for i in range(N))  # (3, B, 3)
 
-        out: dict[str, torch.Tensor] = {}
         gt = data.color(b)
         dx_gt, dy_gt = data.color_gradients(b)
-        out["rgb"] = lc.rgb * L.rgb_loss(color[0], gt)
-        if lc.gradient:
-            out["gradient"] = lc.gradient * L.gradient_loss(color[0], color[1], color[2], dx_gt, dy_gt)
-        if N > 1:
-            if lc.sparsity:
-                out["sparsity"] = lc.sparsity * L.sparsity_loss([r[0] for r in rgb], alpha[0])
-            if lc.alpha_bootstrapping and iteration <= lc.alpha_bootstrapping_stop:
-                target = data.targets[b.f, b.y, b.x].float()
-                out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
-            if lc.alpha_reg:
-                out["alpha_reg"] = lc.alpha_reg * L.alpha_reg_loss(alpha[0])
-            if lc.flow_alpha:
-                out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
-        for i in range(N):
-            s = m.uv_scales[i]
-            if lc.optical_flow:
-                out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
-                    uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
-            if lc.rigidity:
-                out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d)
-            w_global = self.global_rigidity_weight(i)
-            if use_global and w_global:
-                out[f"global_rigidity_{i}"] = w_global * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
-            if m.residuals is not None:
-                if lc.residual_reg:
-                    out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
-                if lc.residual_consistent:
-                    out[f"residual_consistent_{i}"] = lc.residual_consistent * self.residual_consistency(i, B)
+        bootstrap = N > 1 and bool(lc.alpha_bootstrapping) and iteration <= lc.alpha_bootstrapping_stop
+        target = data.targets[b.f, b.y, b.x].float() if bootstrap else None
+        out = self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
+                                 rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
+                                 target, ok_fw, ok_bw)
+        if rc_on:
+            rc = {i: lc.residual_consistent * L.residual_consistency_loss(queries[i]["target"], others[i],
+                                                                           queries[i]["invisible"])
+                  for i in range(N)}
+            # each layer's term after that layer's others: the order (and so the sum) of before
+            merged: dict[str, torch.Tensor] = {}
+            keys = list(out)
+            for i in range(N):
+                mine = [k for k in keys if k.rsplit("_", 1)[-1] == str(i)]
+                at = keys.index(mine[-1]) + 1 if mine else len(keys)
+                keys.insert(at, f"residual_consistent_{i}")
+            for k in keys:
+                merged[k] = out[k] if k in out else rc[int(k.rsplit("_", 1)[-1])]
+            out = merged
         return out
 
-    def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
-        """method.md 2.5: residual patches at the frame border, compared with other times."""
+    def _loss_terms(self):
+        """:func:`loss_terms`, through torch.compile (one fused graph for the loss algebra, forward and
+        backward) when ``train.compile_losses`` is set on CUDA."""
+        if not (self.cfg.train.compile_losses and self.device.type == "cuda"):
+            return loss_terms
+        if self._compiled_terms is None:
+            import torch._dynamo
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._compiled_terms = torch.compile(loss_terms, dynamic=False)
+        return self._compiled_terms
+
+    def consistency_queries(self, layer: int, batch: int) -> dict:
+        """method.md 2.5, the sampling half: residual patches at the frame border and the frames at
+        which their atlas points are compared. Everything here is without gradient (one mapping
+        pass for the patches and the test points, one residual pass for the targets); the residual
+        at ``uv``/``t`` is what the loss differentiates, evaluated by the caller (batched with the
+        step's main residual evaluation in :meth:`compute_losses`)."""
         g, m, T = self.geom, self.model, self.cfg.losses.residual_consistent_frames
         W, H, F_ = g.width, g.height, g.n_frames
         n = max(batch // (9 * T), 1)
@@ -242,20 +299,26 @@ class Trainer:
         pf = f[:, None].expand(n, 9).reshape(-1).float()
         xyt_patch = g.xyt(px, py, pf)
         tn = self._randint(0, F_, (T, n))
-        with torch.no_grad():
-            uv_patch = m.mapping(layer, xyt_patch)  # (9n, 2), no gradient reaches the mapping
-            uv_test = m.mapping(layer, g.xyt(x.float().expand(T, n).reshape(-1), y.float().expand(T, n).reshape(-1),
-                                             tn.reshape(-1).float())).view(T, n, 2)
+        xyt_test = g.xyt(x.float().expand(T, n).reshape(-1), y.float().expand(T, n).reshape(-1),
+                         tn.reshape(-1).float())
+        with torch.no_grad():  # no gradient reaches the mapping or the targets
+            uv_both = m.mapping(layer, torch.cat([xyt_patch, xyt_test]))
+            uv_patch, uv_test = uv_both[:9 * n], uv_both[9 * n:].view(T, n, 2)
             target = m.residual(layer, uv_patch, xyt_patch[:, 2:3]).view(n, 9, 3)
         t_rep = g.t(tn.float())[:, :, None].expand(T, n, 9).reshape(-1, 1)
         uv_rep = uv_patch.view(1, n * 9, 2).expand(T, n * 9, 2).reshape(-1, 2)
-        other = m.residual(layer, uv_rep, t_rep).view(T, n, 9, 3)
         centre = uv_patch.view(n, 9, 2)[:, 0]
         du = uv_test[..., 0] - centre[:, 0]
         dv = uv_test[..., 1] - centre[:, 1]
         invisible = torch.where(group == 0, du > 0, torch.where(group == 1, du < 0,
                                 torch.where(group == 2, dv > 0, dv < 0)))
-        return L.residual_consistency_loss(target, other, invisible)
+        return {"uv": uv_rep, "t": t_rep, "target": target, "invisible": invisible, "shape": (T, n, 9, 3)}
+
+    def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
+        """method.md 2.5: residual patches at the frame border, compared with other times."""
+        q = self.consistency_queries(layer, batch)
+        other = self.model.residual(layer, q["uv"], q["t"]).view(q["shape"])
+        return L.residual_consistency_loss(q["target"], other, q["invisible"])
 
     def _eager_step(self, iteration: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(iteration)

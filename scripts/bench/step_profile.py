@@ -27,7 +27,9 @@ from backend.export.outputs import device_name  # noqa: E402
 from backend.train import Trainer  # noqa: E402
 from time_to_psnr import add_clip_arguments, flow_for, load, variant_config  # noqa: E402
 
-FAMILIES = (("gemm", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "sgemm", "xmma")),
+FAMILIES = (("fused_mlp", ("_mlp_fwd_kernel", "_mlp_bwd_kernel")),
+            ("inductor", ("triton_poi", "triton_red", "triton_per")),
+            ("gemm", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "sgemm", "xmma")),
             ("hashgrid", ("_hash", "_fwd", "_bwd", "grid")),
             ("adam", ("adam",)),
             ("reduce", ("reduce", "sum", "mean", "norm")),
@@ -59,11 +61,17 @@ def graph_step_ms(tr: Trainer, first_it: int, n: int = 60) -> float:
     return times[len(times) // 2]
 
 
-def profile_eager(tr: Trainer, first_it: int, steps: int = 4) -> tuple[dict, list]:
+def profile_eager(tr: Trainer, first_it: int, steps: int = 4) -> tuple[dict, list, float]:
+    """GPU time per kernel family over ``steps`` eager steps, after two warm-up steps (whose wall
+    time, torch.compile's compilation included, is returned)."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile
+    t0 = time.perf_counter()
     for it in range(first_it, first_it + 2):
         tr._eager_step(it)
     torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for it in range(first_it + 2, first_it + 2 + steps):
             tr._eager_step(it)
@@ -76,7 +84,7 @@ def profile_eager(tr: Trainer, first_it: int, steps: int = 4) -> tuple[dict, lis
     for k, v in per_kernel.items():
         fams[family(k)] += v
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return dict(fams), top
+    return dict(fams), top, warm_s
 
 
 def main() -> int:
@@ -97,15 +105,27 @@ def main() -> int:
     rows = []
     for spec in args.variants:
         cfg = variant_config(spec, 0)
-        tr = Trainer(clip, flow, cfg, dev)
-        fams, top = profile_eager(tr, args.at_iteration)
-        ms = graph_step_ms(tr, args.at_iteration + 10)
+        try:
+            tr = Trainer(clip, flow, cfg, dev)
+            fams, top, warm_s = profile_eager(tr, args.at_iteration)
+            ms = graph_step_ms(tr, args.at_iteration + 10)
+        except Exception as exc:  # one failing variant does not cost the others
+            import traceback
+            traceback.print_exc()
+            print(json.dumps({"variant": spec, "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+            tr = None
+            torch.cuda.empty_cache()
+            continue
         rows.append({"variant": spec, "graph_step_ms": round(ms, 3), "batch": cfg.train.batch_size,
+                     "mlp_backend": tr.model.mlp_backend, "warmup_2_steps_s": round(warm_s, 2),
                      "eager_gpu_ms": {k: round(v, 3) for k, v in sorted(fams.items())},
+                     "eager_gpu_total_ms": round(sum(fams.values()), 3),
                      "top": [[k[:90], round(v, 3)] for k, v in top]})
         print(json.dumps(rows[-1]), flush=True)
         del tr
         torch.cuda.empty_cache()
+    if not rows:
+        return 1
     base = rows[0]["graph_step_ms"]
     print(f"\n{'variant':40} {'batch':>6} {'step ms':>8} {'Mpx/s':>7} {'vs first':>8}  GPU ms by family (eager)")
     for r in rows:
@@ -113,6 +133,7 @@ def main() -> int:
         print(f"{r['variant'][:40]:40} {r['batch']:6d} {r['graph_step_ms']:8.2f} "
               f"{r['batch'] / r['graph_step_ms'] / 1e3:7.2f} {base / r['graph_step_ms']:7.2f}x  {fam}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": device_name(dev), "rows": rows}, indent=1))
     return 0
 

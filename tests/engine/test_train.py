@@ -156,6 +156,20 @@ def test_checkpoint_refuses_other_model(tmp_path):
         load_checkpoint(tmp_path, tr)
 
 
+def test_checkpoint_resumes_across_mlp_backends(tmp_path):
+    """model.mlp_backend changes how the MLPs are evaluated, not the model: a run resumes across it
+    (and a checkpoint written before the field existed still loads)."""
+    clip = tiny_clip()
+    tr = Trainer(clip, None, tiny_config(), torch.device("cpu"))
+    save_checkpoint(tmp_path, tr)
+    meta_path = tmp_path / "latest.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["model"]["mlp_backend"]
+    meta_path.write_text(json.dumps(meta))
+    other = Trainer(clip, None, tiny_config().replace(model={"mlp_backend": "compile"}), torch.device("cpu"))
+    assert load_checkpoint(tmp_path, other) == 0
+
+
 def test_cancel_saves_a_checkpoint_and_raises(tmp_path):
     clip = tiny_clip()
     token = CancelToken()

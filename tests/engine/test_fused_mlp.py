@@ -1,0 +1,229 @@
+"""Fused Triton MLP kernels against the PyTorch reference (values, weight and input gradients).
+
+On CUDA the compiled kernels run at several sizes (IEEE fp32 products: float32 rounding; TF32
+separately, at TF32's tolerance). Without CUDA the same checks run through Triton's interpreter
+(``TRITON_INTERPRET=1``, set before triton is first imported) at small sizes; without triton the
+module is skipped. Every check draws fresh random inputs; the seed is in the failure message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and importlib.util.find_spec("triton") is not None and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
+
+try:
+    from backend.model import fused_mlp as fm
+except ImportError as exc:  # no triton on this machine
+    pytest.skip(f"triton is not importable ({exc}); the fused MLP is untested here", allow_module_level=True)
+
+from backend.config import ModelConfig
+from backend.model.mlp_backend import MLP, reference_mlp
+
+if not CUDA and not fm.interpreting():
+    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET could be set", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _net(in_dim: int, width: int, out_dim: int, layers: int, gen: torch.Generator):
+    """Weights like nn.Linear's init, biases larger so that some ReLUs are off."""
+    dims = [in_dim] + [width] * (layers - 1) + [out_dim]
+    ws, bs = [], []
+    for a, b in zip(dims[:-1], dims[1:]):
+        ws.append(((torch.rand(b, a, generator=gen) * 2 - 1) / a ** 0.5).to(DEVICE).requires_grad_())
+        bs.append(((torch.rand(b, generator=gen) * 2 - 1) * 0.3).to(DEVICE).requires_grad_())
+    return ws, bs
+
+
+def _reference(x, ws, bs):
+    params = [t for pair in zip(ws, bs) for t in pair]
+    return reference_mlp(x, "none", *params)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _check(in_dim, width, out_dim, layers, B, need_dx=True, tol=2e-6, tf32=False):
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    ws, bs = _net(in_dim, width, out_dim, layers, gen)
+    x = (torch.randn(B, in_dim, generator=gen) * 0.7).to(DEVICE).requires_grad_(need_dx)
+    gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        y = fm.fused_mlp(x, ws, bs)
+        ref = _reference(x, ws, bs)
+        inputs = ([x] if need_dx else []) + ws + bs
+        got = torch.autograd.grad(y, inputs, gy)
+        want = torch.autograd.grad(ref, inputs, gy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    where = f"(in={in_dim} width={width} out={out_dim} layers={layers} B={B} seed={seed})"
+    assert y.shape == ref.shape
+    assert _rel(y, ref) < tol, f"forward {_rel(y, ref):.2e} {where}"
+    names = (["dx"] if need_dx else []) + [f"dW{i}" for i in range(layers)] + [f"db{i}" for i in range(layers)]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        assert _rel(g, w) < tol * 4, f"{name} {_rel(g, w):.2e} {where}"
+    # ReLUs were both on and off (the masks were exercised)
+    h = torch.relu(torch.nn.functional.linear(x.detach(), ws[0].detach(), bs[0].detach()))
+    assert 0.05 < float((h > 0).float().mean()) < 0.95
+
+
+# interpreter sizes: the shapes the networks use (2D grid 16 levels x 2 -> 64 -> 3, alpha N-1
+# outputs) plus odd sizes (partial blocks, 2-4 layers, unpadded input/output dims)
+CASES = [
+    (32, 64, 3, 4, 300),   # texture / residual
+    (32, 64, 1, 4, 129),   # alpha of a 2-layer model
+    (16, 32, 2, 3, 70),    # demo-sized, one hidden-to-hidden layer
+    (3, 16, 5, 2, 65),     # no hidden-to-hidden layer, input narrower than 16
+    (40, 64, 17, 4, 64),   # padded input and output
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_fused_matches_reference(case):
+    _check(*case)
+
+
+def test_no_input_gradient_and_empty_batch():
+    _check(32, 64, 3, 4, 100, need_dx=False)
+    gen = torch.Generator().manual_seed(1)
+    ws, bs = _net(32, 64, 3, 4, gen)
+    x = torch.zeros(0, 32, device=DEVICE, requires_grad=True)
+    y = fm.fused_mlp(x, ws, bs)
+    assert y.shape == (0, 3)
+    grads = torch.autograd.grad(y.sum(), [x] + ws)
+    assert all(float(g.abs().sum()) == 0.0 for g in grads)
+
+
+def test_unsupported_shape_is_refused():
+    gen = torch.Generator().manual_seed(2)
+    ws, bs = _net(3, 256, 2, 4, gen)  # the mapping network: too wide for the fused kernels
+    assert not fm.supports(3, 256, 2, 2)
+    with pytest.raises(ValueError, match="width=256"):
+        fm.fused_mlp(torch.zeros(4, 3, device=DEVICE), ws, bs)
+
+
+CHAIN_CASES = [
+    (3, 256, 2, 4, 100),   # the mapping network
+    (3, 64, 2, 3, 37),
+    (32, 48, 3, 2, 5),     # width not a multiple of the column block
+]
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_chain_matches_reference(case):
+    """The wide-network path (cuBLAS products, fused ReLU backward and bias gradients)."""
+    in_dim, width, out_dim, layers, B = case
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    ws, bs = _net(in_dim, width, out_dim, layers, gen)
+    x = torch.randn(B, in_dim, generator=gen).to(DEVICE).requires_grad_()
+    gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        y = fm.chain_mlp(x, ws, bs)
+        ref = _reference(x, ws, bs)
+        got = torch.autograd.grad(y, [x] + ws + bs, gy)
+        want = torch.autograd.grad(ref, [x] + ws + bs, gy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert _rel(y, ref) < 2e-6, f"forward (seed {seed})"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape
+        assert _rel(g, w) < 1e-5, f"gradient {i} {_rel(g, w):.2e} (seed {seed})"
+
+
+def test_mlp_module_paths_agree():
+    """The model's MLP module gives the same values and gradients on its torch and triton paths;
+    without gradients it always takes the reference."""
+    cfg = ModelConfig()
+    torch.manual_seed(_seed() % 2 ** 31)
+    net = MLP(32, 3, cfg.texture_width, cfg.texture_layers, "tanh01").to(DEVICE)
+    x = torch.randn(257, 32, device=DEVICE, requires_grad=True)
+    out = {}
+    for backend in ("torch", "triton"):
+        net.backend = backend
+        assert net.path(x) == backend
+        y = net(x)
+        out[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, net[0].weight, net[-1].bias]))
+    for a, b in zip(out["triton"], out["torch"]):
+        assert _rel(a.detach(), b.detach()) < 1e-5
+    with torch.no_grad():
+        net.backend = "triton"
+        assert net.path(x) == "torch"
+    wide = MLP(3, 2, 256, 4, "tanh").to(DEVICE)
+    wide.backend = "triton"
+    assert wide.path(x[:, :3]) == "chain"
+    state = net.state_dict()
+    assert list(state) == [f"{i}.{k}" for i in (0, 2, 4, 6) for k in ("weight", "bias")]
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled kernels: needs CUDA")
+@pytest.mark.parametrize("B", [1, 1000, 40_000, 333_333])
+def test_fused_cuda_sizes(B):
+    _check(32, 64, 3, 4, B)
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled kernels: needs CUDA")
+@pytest.mark.parametrize("B", [1, 777, 360_000])
+def test_chain_cuda_sizes(B):
+    test_chain_matches_reference((3, 256, 2, 4, B))
+
+
+@pytest.mark.skipif(not CUDA, reason="TF32 products: needs CUDA")
+def test_fused_cuda_tf32():
+    # TF32 rounds operands to 10 mantissa bits (rel. 2^-11 each); through 4 layers ~1e-3
+    _check(32, 64, 3, 4, 100_000, tol=5e-3, tf32=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="torch.compile of the MLPs: needs CUDA")
+def test_compile_backend_matches_reference():
+    torch.manual_seed(_seed() % 2 ** 31)
+    net = MLP(3, 2, 256, 4, "tanh").to(DEVICE)
+    x = torch.rand(5000, 3, device=DEVICE) * 2 - 1
+    out = {}
+    for backend in ("torch", "compile"):
+        net.backend = backend
+        assert net.path(x) == backend
+        y = net(x)
+        out[backend] = (y, *torch.autograd.grad(y.square().sum(), [net[0].weight, net[2].weight, net[-1].bias]))
+    for a, b in zip(out["compile"], out["torch"]):
+        assert _rel(a.detach(), b.detach()) < 1e-5
+
+
+def test_layered_model_gradients_same_on_both_paths():
+    """A whole model's render (mapping, textures, residuals, alpha) and every parameter's gradient
+    agree between mlp_backend torch and triton (on CPU the mapping then stays on the reference)."""
+    from backend.config import preset
+    from backend.model import LayeredModel
+    cfg = preset("demo").model
+    x = torch.rand(300, 3, device=DEVICE) * 2 - 1
+    grads = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        m = LayeredModel(2, cfg, DEVICE, backend="torch")
+        m.set_mlp_backend(backend, DEVICE)
+        r = m.render(x)
+        loss = (r.color - 0.5).square().sum() + sum(u.square().sum() for u in r.uv)
+        names, params = zip(*[(n, p) for n, p in m.named_parameters()])
+        grads[backend] = dict(zip(names, torch.autograd.grad(loss, params)))
+    for name, g in grads["torch"].items():
+        assert _rel(grads["triton"][name], g) < 1e-5, name
