@@ -1,8 +1,11 @@
 """The live preview, frame painting and edit lifetime, with the real bpy 5.0.1 and a real
 backend (CPU, the tiny synthetic clip): one decomposition serves every test (ordered).
 
-* the preview, rendered through the VSE headless (Cycles, one sample), matches the backend's
-  Render Edit of the same edits within 1/255 mean and 3/255 max on several frames;
+* the preview, rendered through the VSE headless, matches the backend's Render Edit of the same
+  edits within 1/255 mean and 3/255 max on several frames, with both engines (numpy: an image
+  strip; Cycles, one sample: a scene strip);
+* a stroke updates the cached frame incrementally, bit for bit what a full recompute gives,
+  and leaves the paint unsaved in memory (a sequencer-only render frees nothing);
 * per-frame opacity (a keyframed curve, a frame range with a fade) in both outputs equals the
   curve; a new stroke shows in the preview without any backend call;
 * preview off leaves the file's datablocks, strips and the rendered VSE frame bit for bit as
@@ -163,7 +166,8 @@ def test_preview_matches_render_edit_on_several_frames(na, shot):
     before, strips = _datablocks(), _strips(scene)
     assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON") == {"FINISHED"}
     strip = B.preview.preview_strip(scene, job.shot)
-    assert strip is not None and strip.type == "SCENE" and strip.channel > rendered.channel
+    assert strip is not None and strip.type == "IMAGE" and strip.channel > rendered.channel
+    assert B.preview.engine_of(job.shot) == "numpy"
     assert (strip.frame_final_start, strip.frame_final_end) == (shot["strip"].frame_final_start,
                                                                 shot["strip"].frame_final_end)
     edited_pixels = 0
@@ -175,6 +179,17 @@ def test_preview_matches_render_edit_on_several_frames(na, shot):
         edited_pixels += int((np.abs(ref - _plate(clip, f)).max(-1) > 8 / 255).sum())
         S.setdefault("preview", {})[f] = got
         S.setdefault("render", {})[f] = ref
+    # the Cycles engine (movie plates) computes the same on a scene strip
+    shading = scene.render.sequencer_gl_preview
+    strip = B.preview.enable(scene, job, engine="cycles")
+    assert strip.type == "SCENE" and B.preview.engine_of(job.shot) == "cycles"
+    assert scene.render.sequencer_gl_preview == "RENDERED"
+    for f in (2, 6):
+        got = _render(scene, t0 + f, f"preview_cycles_{f}")
+        d = np.abs(got - S["render"][f]) * 255
+        assert d.mean() <= 1.0 and d.max() <= 3.0, ("cycles", f, d.mean(), d.max())
+    B.preview.enable(scene, job)  # back to the default engine
+    assert B.preview.engine_of(job.shot) == "numpy" and scene.render.sequencer_gl_preview == shading
     assert edited_pixels > 200  # the edits are visible: the comparison is not plate vs plate
     S.update(before=before, strips=strips, curve=curve, edits={i: e.name for i, e in edits.items()})
 
@@ -225,16 +240,27 @@ def test_a_new_stroke_shows_in_the_preview_without_the_backend(na, shot):
     S_ = seen.shape[0]
     near = (np.abs((uv[..., 0] + 1) * S_ / 2 - 0.5 - c) < 3) & (np.abs((uv[..., 1] + 1) * S_ / 2 - 0.5 - r) < 3)
     f = int(np.argmax((near & (al > 0.5)).sum((1, 2)) * np.asarray(S["curve"][1])))
+    state = B.preview._SHOTS[job.shot]
+    _render(scene, t0 + f, f"before_stroke_{f}")  # frame f is on screen (cached as arrays)
+    assert f in state.frames
     B.images.paint_rect(edit, r - 3, c - 3, 6, 6, (0.0, 0.0, 1.0, 1.0))  # unsaved
     # what the add-on's depsgraph handler and paint timer run after a stroke in the UI
     assert B.preview.sync() == 1 and B.preview.sync() == 0  # only the changed layer, once
+    # incremental: only the pixels that see the stroke's tiles, and exactly a full recompute
+    H, W = state.frames[f].shape
+    assert 0 < state.stats["sync_pixels"][f] < H * W  # (the tiny atlas: most of its frame sees the stroke)
+    assert np.array_equal(state.frames[f].u8, B.preview._compute(state, f).u8)
     got = _render(scene, t0 + f, f"stroke_{f}")
     assert np.abs(got - S["preview"][f]).max() > 0.1  # the stroke is there at once
-    # a headless Cycles render drops unsaved paint of file-backed images: the add-on saved it first
-    assert open(edit.filepath_raw, "rb").read() != on_disk
-    assert np.array_equal(read_png(edit.filepath_raw)[r - 3:r + 3, c - 3:c + 3],
-                          np.tile(np.float32([0, 0, 1, 1]), (6, 6, 1)))
+    # a sequencer-only render frees nothing: the paint stays unsaved, in memory
+    assert edit.is_dirty and open(edit.filepath_raw, "rb").read() == on_disk
     assert B.images.to_array(edit)[r, c].tolist() == [0.0, 0.0, 1.0, 1.0]
+    # another frame, shown later, is computed with the stroke, and the VSE shows its values as they are
+    g = (f + 4) % 8
+    got = _render(scene, t0 + g, f"stroke_{g}")
+    u8 = state.frames[g].u8
+    assert np.array_equal(u8, B.preview._compute(state, g).u8)
+    assert np.array_equal(np.round(got * 255).astype(np.uint8), u8[::-1])
 
 
 def test_preview_off_restores_the_file_bit_for_bit(na, shot):
@@ -256,8 +282,11 @@ def test_preview_off_restores_the_file_bit_for_bit(na, shot):
     before, strips, frame = _datablocks(), _strips(scene), _render(scene, t0 + 3, "before_on")
     shading = scene.render.sequencer_gl_preview
     assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
-    assert B.preview.is_on(scene, job) and scene.render.sequencer_gl_preview == "RENDERED"
+    assert B.preview.is_on(scene, job) and scene.render.sequencer_gl_preview == shading
+    folder = B.preview._SHOTS[job.shot].folder
+    assert os.path.isfile(B.preview._frame_file(B.preview._SHOTS[job.shot], 3))
     assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="TOGGLE") == {"FINISHED"}
+    assert not os.path.exists(folder)  # its frame files go with it
     assert _datablocks() == before and _strips(scene) == strips
     assert scene.render.sequencer_gl_preview == shading
     assert np.array_equal(_render(scene, t0 + 3, "after_off"), frame)
