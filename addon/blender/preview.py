@@ -874,6 +874,13 @@ def on_depsgraph_update(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) 
     happens unless a preview exists."""
     from .props import settings
 
+    from . import frame_paint
+
+    if frame_paint._CANVASES and depsgraph.id_type_updated("IMAGE"):
+        try:
+            frame_paint.flush()  # strokes on a frame's canvas into the edit images (and the preview)
+        except (PreviewError, ReferenceError):
+            pass
     shots = {s.get(KEY): sc for sc in bpy.data.scenes for s in vse.all_strips(sc) if s.get(KEY)}
     if not shots:
         return
@@ -902,12 +909,17 @@ PAINT_POLL_S = 1.0
 
 
 def paint_poll() -> Optional[float]:
-    """GUI timer while a preview is on: while an edit image has unsaved paint, turn changed
-    edits into the preview (``sync`` is a checksum when nothing changed). Stops by itself when
-    no preview is left."""
-    if not _SHOTS:
+    """GUI timer while a preview is on or a frame is being painted: strokes on a frame's canvas
+    go into the edit images (``frame_paint.flush``); while an edit image has unsaved paint,
+    turn changed edits into the preview (``sync`` is a checksum when nothing changed). Stops by
+    itself when neither is left."""
+    from . import frame_paint
+
+    if not _SHOTS and not frame_paint._CANVASES:
         return None
     try:
+        if frame_paint._CANVASES:
+            frame_paint.flush()
         edits = [bpy.data.images.get(layer.edit) for st in _SHOTS.values() for layer in st.layers.values()]
         dirty = any(img is not None and img.is_dirty for img in edits)
         if dirty:

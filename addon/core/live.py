@@ -219,3 +219,60 @@ def write_bmp(path: str, rgb: np.ndarray) -> None:
     with open(path, "wb") as f:
         f.write(header)
         f.write(body.tobytes())
+
+
+# ------------------------------------------------------------ frame paint
+def srgb_decode(encoded: np.ndarray) -> np.ndarray:
+    x = np.clip(encoded, 0.0, 1.0)
+    return np.where(x <= 0.04045, x / 12.92, np.power((x + 0.055) / 1.055, 2.4)).astype(np.float32)
+
+
+def residual_atlas(st: np.ndarray, mask: np.ndarray, residual: np.ndarray, size: int,
+                   fill: int = 4) -> np.ndarray:
+    """One frame's residual carried into atlas space, (S, S, 3) with row 0 at the bottom: each
+    texel gets the mean residual of the pixels (``mask``) whose STMap point falls in it; texels
+    between them (a magnified atlas) take the mean of known neighbours, ``fill`` rings deep;
+    texels the frame does not show get 1 (no lighting)."""
+    S = int(size)
+    s = st[mask]
+    r = residual[mask].astype(np.float64)
+    col = np.clip(np.floor(s[:, 0] * S), 0, S - 1).astype(np.int64)
+    row = np.clip(np.floor(s[:, 1] * S), 0, S - 1).astype(np.int64)
+    idx = row * S + col
+    cnt = np.bincount(idx, minlength=S * S).astype(np.float64)
+    sums = np.stack([np.bincount(idx, weights=r[:, c], minlength=S * S) for c in range(3)], -1)
+    known = cnt > 0
+    R = np.ones((S * S, 3), np.float32)
+    R[known] = (sums[known] / cnt[known, None]).astype(np.float32)
+    R = R.reshape(S, S, 3)
+    k = known.reshape(S, S)
+    for _ in range(fill):
+        if k.all():
+            break
+        acc = np.zeros((S, S, 3), np.float32)
+        n = np.zeros((S, S), np.float32)
+        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            src = (slice(max(dy, 0), S + min(dy, 0)), slice(max(dx, 0), S + min(dx, 0)))
+            dst = (slice(max(-dy, 0), S + min(-dy, 0)), slice(max(-dx, 0), S + min(-dx, 0)))
+            w = k[src].astype(np.float32)
+            acc[dst] += R[src] * w[..., None]
+            n[dst] += w
+        new = ~k & (n > 0)
+        R[new] = acc[new] / n[new, None]
+        k = k | new
+    return R
+
+
+def light(edit: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Edit texels (.., 4) as seen at the frame: rgb x R (clamped), alpha as it is."""
+    out = edit.astype(np.float32, copy=True)
+    out[..., :3] = np.clip(edit[..., :3] * R, 0.0, 1.0)
+    return out
+
+
+def unlight(seen: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Paint as seen at a frame (.., 4) into what the edit stores: rgb / R where R > 1e-3
+    (clamped to [0, 1]), alpha as it is: the backend's paint_frame colour rule."""
+    out = seen.astype(np.float32, copy=True)
+    out[..., :3] = np.clip(np.where(R > 1e-3, seen[..., :3] / np.maximum(R, 1e-3), seen[..., :3]), 0.0, 1.0)
+    return out
