@@ -24,12 +24,29 @@ def _save_edits_pre(*_args: object) -> None:
         print(f"[neural_atlas] could not save an edit image: {e}")
 
 
+def _runs_an_engine(scene: object) -> bool:
+    """Whether rendering ``scene`` runs a render engine (its 3D scene, or a scene strip in its
+    VSE), rather than only the sequencer's image and movie strips."""
+    from . import vse
+
+    if not isinstance(scene, bpy.types.Scene):
+        return True
+    strips = vse.all_strips(scene)
+    if not scene.render.use_sequencer or not strips:
+        return True
+    return any(s.type == "SCENE" and not s.mute for s in strips)
+
+
 @bpy.app.handlers.persistent
-def _save_edits_before_render(*_args: object) -> None:
-    """In background mode a Cycles render (the live preview's, or any) frees the pixel buffers
-    of every file-backed image that is not packed, unsaved paint included (seen with bpy 5.0.1:
-    ``is_dirty`` drops and the image reloads from disk). Save modified edit images first."""
-    if bpy.app.background:
+def _save_edits_before_render(scene: object = None, *_args: object) -> None:
+    """In background mode a render engine's render (the Cycles preview's, or any) frees the
+    pixel buffers of every file-backed image that is not packed, unsaved paint included (seen
+    with bpy 5.0.1: ``is_dirty`` drops and the image reloads from disk). Save modified edit
+    images first. A sequencer-only render (image strips, the numpy preview) frees nothing: no
+    save. The numpy preview's frame is made current first."""
+    if bpy.app.background and isinstance(scene, bpy.types.Scene):  # (a UI render runs in its own thread)
+        preview.show_frame(scene)
+    if bpy.app.background and _runs_an_engine(scene):
         _save_edits_pre()
 
 
@@ -57,6 +74,8 @@ def register() -> None:
         bpy.app.handlers.render_pre.append(_save_edits_before_render)
     if preview.on_depsgraph_update not in bpy.app.handlers.depsgraph_update_post:
         bpy.app.handlers.depsgraph_update_post.append(preview.on_depsgraph_update)
+    if preview.on_frame_change not in bpy.app.handlers.frame_change_pre:
+        bpy.app.handlers.frame_change_pre.append(preview.on_frame_change)
     atexit.register(runtime.shutdown)
     atexit.register(setup_backend.shutdown)
 
@@ -68,7 +87,8 @@ def unregister() -> None:
     atexit.unregister(setup_backend.shutdown)
     for lst, fn in ((bpy.app.handlers.save_pre, _save_edits_pre), (bpy.app.handlers.load_post, _load_post),
                     (bpy.app.handlers.depsgraph_update_post, preview.on_depsgraph_update),
-                    (bpy.app.handlers.render_pre, _save_edits_before_render)):
+                    (bpy.app.handlers.render_pre, _save_edits_before_render),
+                    (bpy.app.handlers.frame_change_pre, preview.on_frame_change)):
         if fn in lst:
             lst.remove(fn)
     props.unregister()

@@ -3,13 +3,23 @@
 One mesh per shot (rebuilt for the frame being painted): its vertices sit on that frame's
 pixel centres (the maps' working resolution, optionally every ``step``-th pixel), one quad
 between four neighbouring pixel centres. Each face belongs to one layer (the frontmost by
-alpha at its corners, or the layer the artist picks) and carries that layer's material,
-whose active paint slot is the layer's edit image; the face's UVs (UV map "Atlas") are the
-owning layer's atlas coordinates at its corners, from the frame's STMap: Blender UV =
-(s, t), the STMap's own convention. Texture Paint in Material mode then paints a stroke on
-the frame as seen and Blender's projection painter writes it into the owning layer's edit
-image at those texels, filling sub-texel holes itself; stencils, clone and every brush
-work as usual. A second UV map ("Frame") shows the frame under the paint.
+alpha at its corners, or the layer the artist picks) and carries that layer's material; the
+face's UVs (UV map "Atlas") are the owning layer's atlas coordinates at its corners, from the
+frame's STMap: Blender UV = (s, t), the STMap's own convention. Texture Paint in Material mode
+then paints a stroke on the frame as seen and Blender's projection painter writes it at those
+texels, filling sub-texel holes itself; stencils, clone and every brush work as usual. A second
+UV map ("Frame") shows the frame under the paint.
+
+Colour (the rule of the backend's ``paint_frame``): the paint is the frame's colour **as seen**,
+which includes that frame's lighting, and the render multiplies an edit by the residual R; so
+the edit stores the paint divided by R at that frame, and the painted frame renders the paint
+as it was painted (other frames follow the plate's lighting changes). Blender's brush cannot
+divide, so each layer's paint slot is a **canvas**: an atlas-sized image holding the edit *as
+seen at this frame* (rgb x R_t carried into atlas space, ``core.live.residual_atlas``; texels
+the frame does not show keep R = 1). After strokes ``flush`` (run by the live preview's paint
+timer and depsgraph handler, by Done Painting and before the mesh is rebuilt) turns the
+canvas texels that changed into the edit image (rgb / R_t, clamped, as ``paint_frame`` does)
+and leaves every other texel of the edit untouched. Undo on the canvas flows back the same way.
 
 Strokes accumulate in the edit images, whatever frame they were painted on; the live
 preview shows them on every frame. The mesh is a painting surface only (excluded from
@@ -19,12 +29,13 @@ renders) and is replaced when another frame is painted.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import bpy
 import numpy as np
 
+from ..core import live
 from . import images, preview
 from .paint import image_node, node_material
 from .lifetime import first_frame
@@ -42,26 +53,36 @@ class FramePaintError(Exception):
 
 @dataclass
 class FrameMaps:
-    """One frame's maps, bottom row first (Blender's pixel order): st (N, H, W, 2), alpha (N, H, W)."""
+    """One frame's maps, bottom row first (Blender's pixel order): st (N, H, W, 2), alpha (N, H, W),
+    residual (N, H, W, 3) (empty when not read)."""
 
     st: np.ndarray
     alpha: np.ndarray
     sizes: tuple[int, ...]
+    residual: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
 
 
-def read_frame(maps: preview.Maps, frame: int) -> FrameMaps:
-    sts, alphas = [], []
+def read_frame(maps: preview.Maps, frame: int, residual: bool = False) -> FrameMaps:
+    sts, alphas, rs = [], [], []
     for m in maps.layers:
-        path = m.stmap_pattern % frame
-        if not os.path.isfile(path):
-            raise FramePaintError(f"the map {path} is missing", preview.MAPS_HINT.format(out=maps.folder))
-        a = images.file_pixels(path)
+        for path in (m.stmap_pattern % frame,) + ((m.residual_pattern % frame,) if residual else ()):
+            if not os.path.isfile(path):
+                raise FramePaintError(f"the map {path} is missing", preview.MAPS_HINT.format(out=maps.folder))
+        a = images.file_pixels(m.stmap_pattern % frame)
         h, w = a.shape[:2]
         if (w, h) != (maps.width, maps.height):
-            raise FramePaintError(f"{path} is {w}x{h}, the maps {maps.width}x{maps.height}")
+            raise FramePaintError(f"{m.stmap_pattern % frame} is {w}x{h}, the maps {maps.width}x{maps.height}")
         sts.append(a[..., :2])
         alphas.append(a[..., 3])
-    return FrameMaps(np.stack(sts), np.stack(alphas), tuple(m.atlas_size for m in maps.layers))
+        if residual:
+            r = images.file_pixels(m.residual_pattern % frame)
+            if r.shape[:2] != (h, w):
+                raise FramePaintError(f"{m.residual_pattern % frame} is not {w}x{h}")
+            rs.append(r[..., :3])
+    fm = FrameMaps(np.stack(sts), np.stack(alphas), tuple(m.atlas_size for m in maps.layers))
+    if residual:
+        fm.residual = np.stack(rs)
+    return fm
 
 
 def owners(alpha: np.ndarray, layer: int = -1) -> np.ndarray:
@@ -117,12 +138,13 @@ def build_mesh(name: str, fm: FrameMaps, layer: int = -1, step: int = 1) -> bpy.
 
 
 def _material(name: str, shot: str, edit: bpy.types.Image, plate: Optional[bpy.types.Image]) -> bpy.types.Material:
-    """Shows the frame with the layer's edit over it; the edit image is the active paint slot."""
+    """Shows the frame with the layer's paint as seen over it; ``edit`` (the layer's canvas) is
+    the active paint slot."""
     mat, nt = node_material(name, reuse=False)
     mat[KEY] = shot
     out = nt.nodes.new("ShaderNodeOutputMaterial")
     emit = nt.nodes.new("ShaderNodeEmission")
-    t_edit = image_node(nt, edit, "Edit (paint here)", "Atlas")
+    t_edit = image_node(nt, edit, "Paint as seen on this frame (paint here)", "Atlas")
     color = t_edit.outputs["Color"]
     if plate is not None:
         t_plate = image_node(nt, plate, "Frame", "Frame")
@@ -134,8 +156,81 @@ def _material(name: str, shot: str, edit: bpy.types.Image, plate: Optional[bpy.t
         color = mix.outputs[2]
     nt.links.new(color, emit.inputs["Color"])
     nt.links.new(emit.outputs[0], out.inputs["Surface"])
-    nt.nodes.active = t_edit  # Texture Paint's active slot: the edit image
+    nt.nodes.active = t_edit  # Texture Paint's active slot: the canvas
     return mat
+
+
+# ------------------------------------------------------------------ canvases
+@dataclass
+class _Canvas:
+    layer: int
+    canvas: str  # image names
+    edit: str
+    R: np.ndarray  # (S, S, 3) the frame's residual in atlas space, bottom row first
+    last: np.ndarray  # (S, S, 4) uint8: the canvas as last flushed
+    tracker: live.EditTracker
+
+
+_CANVASES: dict[str, dict[int, _Canvas]] = {}  # shot -> layer -> canvas
+
+
+def _read(img: bpy.types.Image) -> np.ndarray:
+    w, h = img.size
+    a = np.empty(w * h * 4, np.float32)
+    images._pixels(img).foreach_get(a)
+    return a.reshape(h, w, 4)
+
+
+def _make_canvas(name: str, shot: str, layer: int, edit: bpy.types.Image, R: np.ndarray) -> _Canvas:
+    S = int(edit.size[0])
+    img = bpy.data.images.new(name, S, S, alpha=True, float_buffer=False)
+    img[KEY] = shot
+    img.colorspace_settings.name = "sRGB"  # encoded values, like the edit's PNG
+    img.alpha_mode = "STRAIGHT"
+    seen = live.light(preview._encoded(edit), R)
+    images._pixels(img).foreach_set(seen.ravel())
+    img.update()
+    stored = _read(img)  # what the 8-bit canvas holds
+    c = _Canvas(layer, img.name, edit.name, R, np.rint(stored * 255).astype(np.uint8), live.EditTracker(S))
+    c.tracker.changed_bands(stored)
+    return c
+
+
+def flush(shot: Optional[str] = None) -> int:
+    """Turn changed canvas texels into their edit images (rgb / R of the painted frame); the
+    live preview follows. Returns how many layers changed."""
+    changed = 0
+    for key, layers in list(_CANVASES.items()):
+        if shot is not None and key != shot:
+            continue
+        for c in layers.values():
+            canvas, edit = bpy.data.images.get(c.canvas), bpy.data.images.get(c.edit)
+            if canvas is None or edit is None or tuple(canvas.size) != tuple(edit.size):
+                continue
+            px = _read(canvas)
+            bands = c.tracker.changed_bands(px)
+            if not bands:
+                continue
+            e = None
+            for r0, r1 in bands:
+                now = np.rint(px[r0:r1] * 255).astype(np.uint8)
+                diff = (now != c.last[r0:r1]).any(-1)
+                if not diff.any():
+                    continue
+                if e is None:
+                    e = preview._encoded(edit)  # read now: paint made elsewhere stays
+                band = e[r0:r1]
+                band[diff] = live.unlight(px[r0:r1][diff], c.R[r0:r1][diff])
+                c.last[r0:r1] = now
+            if e is None:
+                continue
+            if edit.is_float and edit.colorspace_settings.name not in ("Non-Color", "Raw", "Generic Data"):
+                e[..., :3] = live.srgb_decode(e[..., :3])
+            images._pixels(edit).foreach_set(e.ravel())
+            edit.update()
+            changed += 1
+            preview.sync(key, only=[edit.name])
+    return changed
 
 
 def plate_image(job: NA_JobItem, shot: str, frame: int) -> Optional[bpy.types.Image]:
@@ -162,7 +257,12 @@ def _tag_plate(img: bpy.types.Image, shot: str) -> bpy.types.Image:
 
 
 def remove(shot: str) -> None:
-    """Remove the shot's frame-paint mesh, its materials and frame image (never an edit image)."""
+    """Remove the shot's frame-paint mesh, its materials, canvases and frame image (never an
+    edit image); paint still on a canvas goes into the edit images first."""
+    try:
+        flush(shot)
+    finally:
+        _CANVASES.pop(shot, None)
     for coll in (bpy.data.objects, bpy.data.meshes, bpy.data.materials, bpy.data.images):
         for idb in [d for d in coll if d.get(KEY) == shot]:
             coll.remove(idb)  # type: ignore[arg-type]
@@ -191,14 +291,21 @@ def setup(scene: bpy.types.Scene, job: NA_JobItem, timeline_frame: int, layer: i
     missing = [m.index for m in maps.layers if m.index not in edits]
     if missing:
         raise FramePaintError(f"layer(s) {missing} have no edit image in this file", "Use Load Atlases first")
-    fm = read_frame(maps, f)
+    fm = read_frame(maps, f, residual=True)
     remove(job.shot)
     name = f"NA {job.label} frame paint"
     me = build_mesh(name, fm, layer, step)
     me[KEY] = job.shot
     plate = plate_image(job, job.shot, f)
-    for m in maps.layers:
-        me.materials.append(_material(f"{name} {m.index}", job.shot, edits[m.index], plate))
+    own = owners(fm.alpha, layer)
+    canvases: dict[int, _Canvas] = {}
+    for k, m in enumerate(maps.layers):
+        R = live.residual_atlas(fm.st[k], own == k, fm.residual[k], m.atlas_size)
+        c = _make_canvas(f"{name} canvas {m.index}", job.shot, m.index, edits[m.index], R)
+        canvases[m.index] = c
+        me.materials.append(_material(f"{name} {m.index}", job.shot, bpy.data.images[c.canvas], plate))
+    _CANVASES[job.shot] = canvases
+    preview._arm_paint_poll()
     ob = bpy.data.objects.new(name, me)
     ob[KEY] = job.shot
     ob["neural_atlas_frame"] = int(timeline_frame)

@@ -1,44 +1,55 @@
 """Live preview of an edited shot, computed by Blender from the decomposition's maps.
 
-No backend round trip: a preview scene renders, for every frame of the shot, exactly the
-backend's delta formula (docs/atlas.md)
+No backend round trip: the preview shows, for every frame of the shot, exactly the backend's
+delta formula (docs/atlas.md)
 
     out = plate + sum_i o_i(f) * alpha_i * R_i * D_i(uv_i),   D_i = a (rgb - T_i)  (E over T)
 
-from image sequences (the plate; per layer the STMap with alpha and the residual, maps/ or
-maps_source/, all Non-Color), a per-layer **delta image** D_i and the per-frame opacity o_i
-baked from the edit lifetime (core.lifetime: the numbers Render Edit sends). The preview
-scene is shown in the VSE as a scene strip above the source, aligned frame for frame.
+from the plate, per layer the STMap with alpha and the residual (maps/ or maps_source/), a
+per-layer **delta** D_i formed from the artist's edit image (its pixels in memory, painted or
+not yet saved) and the atlas PNG's raw values, and the per-frame opacity o_i of the edit
+lifetime (core.lifetime: the numbers Render Edit sends). Two engines compute it:
 
-The delta images belong to the preview: ``sync`` forms D = a (rgb - T) in numpy from the
-artist's edit image (its pixels in memory, painted or not yet saved: Cycles would read a
-file-backed image from disk) and the atlas PNG's raw values, whenever an edit changed (a
-checksum tells). It never writes the edit images, the atlases or the source.
+* ``numpy`` (the default for image-sequence plates): the frame being looked at is computed in
+  numpy (``core.live``) from that frame's maps, cached as arrays, and written as an
+  uncompressed 8-bit BMP into a private temporary folder; an **image strip** above the source,
+  one file per frame of the shot, shows it. A frame is computed when it is first shown (the
+  ``frame_change_pre`` handler, before the VSE draws it) and again after an edit changed. After
+  a stroke ``sync`` re-reads the edit image once, finds the changed rows by a checksum per band
+  of 16 rows, re-forms D only there, and recomputes only the pixels of the cached frames whose
+  bilinear footprint touches a changed 16 x 16 texel tile: a stroke costs one read of the edit
+  image plus a few milliseconds, not a render. Its values are the backend's 8-bit output
+  (clip, x 255, + 0.5, floor), shown by the VSE as they are (the strip has the source strip's
+  colour space). Other frames' files are refreshed when they are shown.
+* ``cycles`` (movie plates, whose frames Blender's Python cannot read one by one, or on
+  request): a preview scene rendered by Cycles, shown as a scene strip. How its shader matches
+  the backend: every map is sampled with Closest at the preview pixel's centre (one sample per
+  pixel, box filter 0.01 px); D, written into a float **delta image**, is sampled bilinearly at
+  the pixel's (s, t) with the texel-centre convention and border clamping of the backend's
+  ``grid_sample(align_corners=False, padding_mode="border")``; all values are the plate's
+  encoded values (Non-Color), decoded to linear at the end because the VSE encodes a scene
+  strip's linear render into its sequencer colour space (sRGB). The Sequencer draws scene
+  strips with the sequencer scene's preview shading (``render.sequencer_gl_preview``; Solid by
+  default): while a Cycles preview is on it is set to Rendered and set back when the last one
+  goes. A headless Cycles render frees unsaved paint of file-backed images (bpy 5.0.1), so the
+  add-on saves dirty edit images before such renders.
 
-How the shader matches the backend:
-* every map is sampled with Closest at the preview pixel's centre (the render has one sample
-  per pixel, box filter 0.01 px), so each pixel reads its own map values;
-* D is sampled bilinearly at the pixel's (s, t), which is Blender's UV of the atlas: Cycles'
-  linear interpolation uses texel centres and clamps at the border, as the backend's
-  ``grid_sample(align_corners=False, padding_mode="border")`` does, and the delta is
-  premultiplied before interpolation, as the backend's is;
-* all values are the plate's encoded values (Non-Color); the result is decoded to linear at
-  the end, because the VSE encodes a scene strip's linear render into its sequencer colour
-  space (sRGB), giving back the encoded values.
-
-Everything the preview creates is tagged ``neural_atlas_preview = <shot>`` and removed by
-``disable``: the file's datablocks and strips are then exactly what they were.
-Rendering: Cycles (CPU or GPU, one sample). The Sequencer's preview draws scene strips with
-the *sequencer scene's* preview shading (``render.sequencer_gl_preview``; Solid by default,
-which would show a grey plane): while a preview is on it is set to Rendered, so the VSE
-shows the exact preview, and set back to what it was when the last preview goes.
+It never writes the edit images, the atlases or the source. Everything the preview creates is
+tagged ``neural_atlas_preview = <shot>`` (the numpy engine's files are in a temporary folder of
+their own) and removed by ``disable``: the file's datablocks and strips are then exactly what
+they were.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
+import tempfile
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -46,6 +57,7 @@ import bpy
 import numpy as np
 
 from ..core import lifetime as L
+from ..core import live
 from ..core import strips as S
 from . import images, vse
 from .lifetime import first_frame, per_frame
@@ -374,6 +386,8 @@ def _scene(name: str, shot: str, maps: Maps, t0: int, mat: bpy.types.Material) -
 # ---------------------------------------------------------- the delta images
 @dataclass
 class _Layer:
+    """One layer of a Cycles preview: D lives in a float image the shader samples."""
+
     atlas: np.ndarray  # (S, S, 3) float32, the atlas's raw RGB, Blender's row order (bottom first)
     edit: str  # the artist's edit image (name)
     delta: str  # the preview's delta image (name)
@@ -381,12 +395,39 @@ class _Layer:
 
 
 @dataclass
+class _LiveLayer:
+    """One layer of a numpy preview: D as an array, updated band by band."""
+
+    index: int
+    atlas: np.ndarray  # (S, S, 3) float32, bottom row first
+    edit: str
+    D: np.ndarray  # (S, S, 3) float32
+    tracker: live.EditTracker
+    signature: tuple = ()  # the edit's file when it was last read clean
+    synced: bool = False
+
+
+@dataclass
 class _Shot:
     shot: str
-    layers: dict = field(default_factory=dict)  # layer -> _Layer
+    engine: str = "cycles"
+    layers: dict = field(default_factory=dict)  # layer -> _Layer | _LiveLayer
+    # the numpy engine
+    folder: str = ""
+    maps: Optional[Maps] = None
+    plate: Optional[Plate] = None
+    t0: int = 0
+    n: int = 0
+    opacity: dict = field(default_factory=dict)  # layer -> per-frame list
+    frames: "OrderedDict[int, live.Frame]" = field(default_factory=OrderedDict)  # most recent last
+    valid: set = field(default_factory=set)  # frames whose file shows the current edits
+    stats: dict = field(default_factory=dict)  # what the last sync / frame did (tests, bench)
 
 
 _SHOTS: dict[str, _Shot] = {}
+#: frames of a numpy preview kept as arrays (about 200 MB each at 1080p with 2 layers)
+CACHED_FRAMES = 2
+_BUFFER: list[np.ndarray] = []  # one float32 buffer reused for reading edit images
 
 
 def atlas_values(atlas: bpy.types.Image) -> np.ndarray:
@@ -397,18 +438,24 @@ def atlas_values(atlas: bpy.types.Image) -> np.ndarray:
     return np.ascontiguousarray(a[..., :3])
 
 
-def _encoded(img: bpy.types.Image) -> np.ndarray:
-    """An edit image's pixels as stored in its file (encoded, straight alpha), bottom row first."""
+def _encoded(img: bpy.types.Image, reuse: bool = False) -> np.ndarray:
+    """An edit image's pixels as stored in its file (encoded, straight alpha), bottom row first.
+    ``reuse``: read into the module's buffer (valid until the next read)."""
     w, h = img.size
-    a = np.empty(w * h * img.channels, np.float32)
-    images._pixels(img).foreach_get(a)
-    a = a.reshape(h, w, img.channels)
     if img.channels != 4:
         raise PreviewError(f"'{img.name}' has {img.channels} channels; an edit image is RGBA")
+    n = w * h * 4
+    if reuse:
+        if not _BUFFER or _BUFFER[0].size < n:
+            _BUFFER[:] = [np.empty(n, np.float32)]
+        a = _BUFFER[0][:n]
+    else:
+        a = np.empty(n, np.float32)
+    images._pixels(img).foreach_get(a)
+    a = a.reshape(h, w, 4)
     if img.is_float and img.colorspace_settings.name not in ("Non-Color", "Raw", "Generic Data"):
         # float buffers hold linear values: encode them as the PNG the backend reads holds them
-        rgb = np.maximum(a[..., :3], 0.0)
-        a[..., :3] = np.where(rgb < 0.0031308, rgb * 12.92, 1.055 * np.power(rgb, 1 / 2.4) - 0.055)
+        a[..., :3] = live.srgb_encode(a[..., :3])
     return a
 
 
@@ -416,42 +463,180 @@ def edit_delta(edit: np.ndarray, atlas: np.ndarray) -> np.ndarray:
     """The premultiplied delta of an edit layer over its atlas, ``D = a (rgb - T)`` (the
     backend's ``E - T`` for E = T (1 - a) + rgb a), as RGBA with alpha 1."""
     out = np.empty(edit.shape[:2] + (4,), np.float32)
-    np.subtract(edit[..., :3], atlas, out=out[..., :3])
-    out[..., :3] *= edit[..., 3:4]
+    live.delta(edit, atlas, out=out[..., :3])
     out[..., 3] = 1.0
     return out
 
 
-def sync(shot: Optional[str] = None) -> int:
-    """Turn changed edit images into the preview's delta images (all previews, or ``shot``'s):
-    called after strokes (depsgraph updates, the paint timer) and by Refresh. Returns how many
-    layers changed. Cheap when nothing changed (a checksum of each edit's pixels)."""
-    import zlib
+def _file_signature(img: bpy.types.Image) -> tuple:
+    path = bpy.path.abspath(img.filepath_raw or img.filepath)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (path, st.st_mtime_ns, st.st_size)
 
+
+def _check_size(edit: bpy.types.Image, px: np.ndarray, atlas: np.ndarray) -> None:
+    if px.shape[:2] != atlas.shape[:2]:
+        raise PreviewError(f"'{edit.name}' is {px.shape[1]}x{px.shape[0]}, the layer's atlas "
+                           f"{atlas.shape[1]}x{atlas.shape[0]}", "Use Load Atlases to bring it to the atlas size")
+
+
+def _sync_cycles(state: _Shot) -> int:
     changed = 0
+    for layer in state.layers.values():
+        edit, delta = bpy.data.images.get(layer.edit), bpy.data.images.get(layer.delta)
+        if edit is None or delta is None:
+            continue
+        px = _encoded(edit)
+        crc = zlib.crc32(memoryview(px).cast("B"))
+        if crc == layer.crc:
+            continue
+        _check_size(edit, px, layer.atlas)
+        images._pixels(delta).foreach_set(edit_delta(px, layer.atlas).ravel())
+        delta.update()
+        layer.crc = crc
+        changed += 1
+    return changed
+
+
+def _sync_live(state: _Shot, only: Optional[set] = None) -> int:
+    """Re-read edit images that may have changed (dirty, never read, or their file changed),
+    re-form D on the changed bands and update the cached frames' changed pixels."""
+    changed = 0
+    pixels = {f: 0 for f in state.frames}
+    for layer in state.layers.values():
+        edit = bpy.data.images.get(layer.edit)
+        if edit is None or (only is not None and layer.edit not in only):
+            continue
+        sig = _file_signature(edit)
+        if layer.synced and not edit.is_dirty and sig and sig == layer.signature:
+            continue  # clean and as last read: its pixels are its file's
+        px = _encoded(edit, reuse=True)
+        _check_size(edit, px, layer.atlas)
+        bands = layer.tracker.changed_bands(px)
+        layer.synced, layer.signature = True, (sig if not edit.is_dirty else ())
+        if not bands:
+            continue
+        tiles = live.update_delta(layer.D, px, layer.atlas, bands)
+        if not tiles.any():
+            continue
+        changed += 1
+        for f, fr in state.frames.items():
+            pixels[f] += fr.update(layer.index, layer.D, tiles)
+    if changed:
+        state.stats["sync_pixels"] = pixels  # per cached frame, the pixels the last sync that changed something recomputed
+        state.valid = set(state.frames)
+        for f in state.frames:
+            _write_frame(state, f)
+    return changed
+
+
+def sync(shot: Optional[str] = None, only: Optional[Iterable[str]] = None) -> int:
+    """Turn changed edit images into the preview (all previews, or ``shot``'s; ``only``: the
+    names of the edit images known to have changed): called after strokes (depsgraph updates,
+    the paint timer) and by Refresh. Returns how many layers changed. Cheap when nothing
+    changed (a checksum of each dirty edit's pixels; clean ones are skipped)."""
+    changed = 0
+    names = set(only) if only is not None else None
     for key, state in list(_SHOTS.items()):
         if shot is not None and key != shot:
             continue
-        for layer in state.layers.values():
-            edit, delta = bpy.data.images.get(layer.edit), bpy.data.images.get(layer.delta)
-            if edit is None or delta is None:
-                continue
-            px = _encoded(edit)
-            crc = zlib.crc32(memoryview(px).cast("B"))
-            if crc == layer.crc:
-                continue
-            if px.shape[:2] != layer.atlas.shape[:2]:
-                raise PreviewError(f"'{edit.name}' is {px.shape[1]}x{px.shape[0]}, the layer's atlas "
-                                   f"{layer.atlas.shape[1]}x{layer.atlas.shape[0]}",
-                                   "Use Load Atlases to bring it to the atlas size")
-            images._pixels(delta).foreach_set(edit_delta(px, layer.atlas).ravel())
-            delta.update()
-            layer.crc = crc
-            changed += 1
-        if changed:
+        n = _sync_live(state, names) if state.engine == "numpy" else _sync_cycles(state)
+        if n:
+            changed += n
             for sc in bpy.data.scenes:
                 touch(sc, key)
     return changed
+
+
+# ------------------------------------------------------------- numpy frames
+def _plate_frame(plate: Plate, f: int) -> str:
+    first = os.path.basename(plate.path)
+    m = _LAST_NUMBER.search(first)
+    assert m is not None
+    name = first[:m.start(1)] + str(plate.offset + 1 + f).zfill(len(m.group(1))) + first[m.end(1):]
+    return os.path.join(os.path.dirname(plate.path), name)
+
+
+def _frame_file(state: _Shot, f: int) -> str:
+    return os.path.join(state.folder, f"{f:05d}.bmp")
+
+
+def _compute(state: _Shot, f: int) -> live.Frame:
+    """Frame ``f`` of a numpy preview from its maps (files read through Blender, bottom row first)."""
+    maps, plate = state.maps, state.plate
+    assert maps is not None and plate is not None
+    W, H = maps.width, maps.height
+    path = _plate_frame(plate, f)
+    if not os.path.isfile(path):
+        raise PreviewError(f"the source frame {path} is missing", "Relink or restore the source frames")
+    px = images.file_pixels(path)[..., :3]
+    lookups = {}
+    for m in maps.layers:
+        o = float(state.opacity.get(m.index, [1.0] * state.n)[f])
+        if o <= 0.0:
+            continue  # faded out: adds nothing (the backend skips it too)
+        st = images.file_pixels(m.stmap_pattern % f)
+        rs = images.file_pixels(m.residual_pattern % f)
+        if st.shape[:2] != (H, W) or rs.shape[:2] != (H, W):
+            raise PreviewError(f"the maps of frame {f} are not {W}x{H}", MAPS_HINT.format(out=maps.folder))
+        gain = st[..., 3] if o == 1.0 else st[..., 3] * np.float32(o)
+        lookups[m.index] = live.lookup(st[..., :2], gain, rs[..., :3], m.atlas_size)
+    return live.Frame(live.resample(px, W, H), lookups, {i: state.layers[i].D for i in lookups})
+
+
+def _write_frame(state: _Shot, f: int) -> None:
+    live.write_bmp(_frame_file(state, f), state.frames[f].u8)
+
+
+def ensure_frame(shot: str, f: int) -> bool:
+    """Make frame ``f``'s file show the current edits; True if it had to be (re)computed."""
+    state = _SHOTS.get(shot)
+    if state is None or state.engine != "numpy" or not 0 <= f < state.n or f in state.valid:
+        return False
+    fr = state.frames.pop(f, None)
+    if fr is None:
+        fr = _compute(state, f)
+    state.frames[f] = fr
+    while len(state.frames) > CACHED_FRAMES:
+        old, _ = state.frames.popitem(last=False)
+    _write_frame(state, f)
+    state.valid.add(f)
+    for sc in bpy.data.scenes:
+        touch(sc, shot)
+    return True
+
+
+def show_frame(scene: bpy.types.Scene) -> int:
+    """Before the VSE draws ``scene``'s current frame: numpy previews of it compute it if it is
+    not current. Returns how many were computed."""
+    n = 0
+    for key, state in list(_SHOTS.items()):
+        if state.engine != "numpy":
+            continue
+        strip = preview_strip(scene, key)
+        if strip is None or strip.mute:
+            continue
+        try:
+            n += ensure_frame(key, int(scene.frame_current) - state.t0)
+        except PreviewError as e:
+            print(f"[neural_atlas] live preview: {e.message}")
+    return n
+
+
+@bpy.app.handlers.persistent
+def on_frame_change(scene: bpy.types.Scene, *_args: Any) -> None:
+    if _SHOTS and not (bpy.app.is_job_running("RENDER") and not bpy.app.background):
+        show_frame(scene)  # (not from a UI render job's thread)
+
+
+@atexit.register
+def _remove_folders() -> None:
+    for state in _SHOTS.values():
+        if state.folder:
+            shutil.rmtree(state.folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------- API
@@ -466,13 +651,25 @@ def is_on(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
     return preview_strip(scene, job.shot) is not None
 
 
-def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False) -> bpy.types.Strip:
+ENGINES = ("auto", "numpy", "cycles")
+
+
+def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False,
+           engine: str = "auto") -> bpy.types.Strip:
     """Build the preview of ``job``'s shot and put it in the VSE above the source (replacing
-    an earlier preview of the shot). Everything is checked before anything is created."""
+    an earlier preview of the shot). Everything is checked before anything is created.
+    ``engine``: ``numpy`` (image-sequence plates), ``cycles``, or ``auto`` (numpy where it can)."""
+    if engine not in ENGINES:
+        raise PreviewError(f"unknown preview engine {engine!r}", f"one of {', '.join(ENGINES)}")
     if job.kind != "decompose" or job.state != "done" or not job.out_dir:
         raise PreviewError(f"{job.label}: the decomposition is {job.state}", "Wait until it is done")
     maps = read_maps(job.out_dir, prefer_source)
     plate = plate_of(job.out_dir)
+    if engine == "auto":
+        engine = "cycles" if plate.movie else "numpy"
+    elif engine == "numpy" and plate.movie:
+        raise PreviewError("the numpy preview reads the plate's frames as files; this shot's source is a movie",
+                           "Use the Cycles preview, or render the strip to a numbered image sequence")
     n = int(job.range_stop - job.range_start)
     if maps.frames != n:
         raise PreviewError(f"the maps have {maps.frames} frames, the shot {n}",
@@ -489,13 +686,24 @@ def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False)
     opacity = per_frame(scene, job)  # LifetimeError: bad range/fades, before anything is made
     disable(scene, job)
     t0 = first_frame(job)
+    if engine == "numpy":
+        strip = _enable_numpy(scene, job, maps, plate, t0, n, atlases, edits, opacity)
+    else:
+        strip = _enable_cycles(scene, job, maps, plate, t0, n, atlases, edits, opacity)
+    _remember(job, opacity)
+    _arm_paint_poll()
+    return strip
+
+
+def _enable_cycles(scene: bpy.types.Scene, job: NA_JobItem, maps: Maps, plate: Plate, t0: int, n: int,
+                   atlases: dict, edits: dict, opacity: dict) -> bpy.types.Strip:
     name = f"NA {job.label} preview"
     made: list[bpy.types.ID] = []
     try:
         plate_img = _load_sequence(plate.path, job.shot, f"{name} plate", n, plate.movie)
         made.append(plate_img)
         layers = []
-        state = _Shot(job.shot)
+        state = _Shot(job.shot, "cycles")
         for m in maps.layers:
             delta = bpy.data.images.new(f"{name} delta {m.index}", m.atlas_size, m.atlas_size, alpha=True,
                                         float_buffer=True, is_data=True)
@@ -511,31 +719,70 @@ def enable(scene: bpy.types.Scene, job: NA_JobItem, prefer_source: bool = False)
         sync(job.shot)
         mat = _material(name, job.shot, maps, plate, plate_img, layers, t0, opacity)
         sc = _scene(name, job.shot, maps, t0, mat)
-        strip = _place(scene, sc, job, t0, n)
+
+        def make(coll: Any, channel: int) -> bpy.types.Strip:
+            return coll.new_scene(name=sc.name, scene=sc, channel=channel, frame_start=t0)
+
+        strip = _place(scene, job, t0, n, make, (maps.width, maps.height))
+        # the artist's shading, restored by disable when the last Cycles preview goes
+        others = [o.get(KEY + "_shading") for o in vse.all_strips(scene) if o.get(KEY) and o != strip]
+        strip[KEY + "_shading"] = next((v for v in others if v), str(scene.render.sequencer_gl_preview))
+        scene.render.sequencer_gl_preview = "RENDERED"
     except BaseException:
         _SHOTS.pop(job.shot, None)
         _remove_tagged(job.shot)
         raise
-    _remember(job, opacity)
-    _arm_paint_poll()
     return strip
 
 
-def _place(scene: bpy.types.Scene, sc: bpy.types.Scene, job: NA_JobItem, t0: int, n: int) -> bpy.types.Strip:
+def _enable_numpy(scene: bpy.types.Scene, job: NA_JobItem, maps: Maps, plate: Plate, t0: int, n: int,
+                  atlases: dict, edits: dict, opacity: dict) -> bpy.types.Strip:
+    state = _Shot(job.shot, "numpy", folder=tempfile.mkdtemp(prefix="na_preview_"), maps=maps, plate=plate,
+                  t0=t0, n=n, opacity={k: list(v) for k, v in opacity.items()})
+    try:
+        for m in maps.layers:
+            T = atlas_values(atlases[m.index])
+            state.layers[m.index] = _LiveLayer(m.index, T, edits[m.index].name, np.zeros_like(T),
+                                               live.EditTracker(T.shape[0]))
+        _SHOTS[job.shot] = state
+        _sync_live(state)
+        f = int(scene.frame_current) - t0
+        f = f if 0 <= f < n else 0
+        ensure_frame(job.shot, f)  # the frame on screen; others when they are shown
+        src = vse.find_strip(scene, job.strip_name)
+        colorspace = src.colorspace_settings.name if src is not None and hasattr(src, "colorspace_settings") \
+            else "sRGB"
+
+        def make(coll: Any, channel: int) -> bpy.types.Strip:
+            s = coll.new_image(name=f"NA {job.label} preview", filepath=_frame_file(state, 0),
+                               channel=channel, frame_start=t0, fit_method="ORIGINAL")
+            for k in range(1, n):
+                s.elements.append(os.path.basename(_frame_file(state, k)))
+            return s
+
+        strip = _place(scene, job, t0, n, make, (maps.width, maps.height))
+        getattr(strip, "colorspace_settings").name = colorspace  # an ImageStrip
+    except BaseException:
+        _SHOTS.pop(job.shot, None)
+        shutil.rmtree(state.folder, ignore_errors=True)
+        for s in [s for s in vse.all_strips(scene) if s.get(KEY) == job.shot]:
+            vse.top_level(scene.sequence_editor).remove(s)
+        raise
+    return strip
+
+
+def _place(scene: bpy.types.Scene, job: NA_JobItem, t0: int, n: int, make: Any,
+           size: tuple[int, int]) -> bpy.types.Strip:
     ed = vse.ensure_editor(scene)
     occ = vse.occupied(scene)
     top = max([c for c, s, e in occ if s < t0 + n and e > t0] + [int(job.src_channel)])
     channel = S.free_channel(occ, t0, t0 + n, above=top)
     with vse._CacheOff(ed):
-        strip = vse.top_level(ed).new_scene(name=sc.name, scene=sc, channel=channel, frame_start=t0)
+        strip = make(vse.top_level(ed), channel)
         strip.frame_final_duration = n
-    others = [o.get(KEY + "_shading") for o in vse.all_strips(scene) if o.get(KEY) and o != strip]
     strip[KEY] = job.shot
-    # the artist's shading, restored by disable when the last preview goes
-    strip[KEY + "_shading"] = next((v for v in others if v), str(scene.render.sequencer_gl_preview))
-    scene.render.sequencer_gl_preview = "RENDERED"
     strip.blend_type = "REPLACE"
-    W, H = sc.render.resolution_x, sc.render.resolution_y
+    W, H = size
     rx, ry = scene.render.resolution_x, scene.render.resolution_y
     if (W, H) != (rx, ry):  # show it over the source at the output size
         k = min(rx / W, ry / H)
@@ -559,13 +806,15 @@ def disable(scene: bpy.types.Scene, job: NA_JobItem) -> bool:
             ed = sc.sequence_editor
             with vse._CacheOff(ed):
                 vse.top_level(ed).remove(s)
-            if shading and not any(o.get(KEY) for o in vse.all_strips(sc)):
+            if shading and not any(o.get(KEY + "_shading") for o in vse.all_strips(sc)):
                 sc.render.sequencer_gl_preview = shading
             found = True
     before = sum(1 for c in _DATA for d in getattr(bpy.data, c) if d.get(KEY) == job.shot)
     _remove_tagged(job.shot)
     _BAKED.pop(job.shot, None)
-    _SHOTS.pop(job.shot, None)
+    state = _SHOTS.pop(job.shot, None)
+    if state is not None and state.folder:
+        shutil.rmtree(state.folder, ignore_errors=True)
     return found or before > 0
 
 
@@ -574,6 +823,12 @@ def refresh_opacity(scene: bpy.types.Scene, job: NA_JobItem) -> None:
     opacity = per_frame(scene, job)
     _remember(job, opacity)
     n = int(job.range_stop - job.range_start)
+    state = _SHOTS.get(job.shot)
+    if state is not None and state.engine == "numpy":
+        state.opacity = {k: list(v) for k, v in opacity.items()}
+        state.frames.clear()
+        state.valid.clear()
+        show_frame(scene)
     for mat in bpy.data.materials:
         if mat.get(KEY) == job.shot and mat.node_tree is not None:
             nodes = _opacity_nodes(mat.node_tree)
@@ -587,7 +842,7 @@ def touch(scene: bpy.types.Scene, shot: Optional[str] = None) -> int:
     n = 0
     for s in vse.all_strips(scene):
         if s.get(KEY) and (shot is None or s.get(KEY) == shot):
-            s.invalidate_cache("RAW")  # the strip's own rendered frames (COMPOSITE would keep them)
+            s.invalidate_cache("RAW")  # the strip's own frames (COMPOSITE would keep them)
             n += 1
     return n
 
@@ -597,6 +852,11 @@ def tagged(shot: str) -> Iterable[bpy.types.ID]:
         for d in getattr(bpy.data, c):
             if d.get(KEY) == shot:
                 yield d
+
+
+def engine_of(shot: str) -> Optional[str]:
+    state = _SHOTS.get(shot)
+    return None if state is None else state.engine
 
 
 # ------------------------------------------------------------- live updates
@@ -614,12 +874,20 @@ def on_depsgraph_update(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) 
     happens unless a preview exists."""
     from .props import settings
 
+    from . import frame_paint
+
+    if frame_paint._CANVASES and depsgraph.id_type_updated("IMAGE"):
+        try:
+            frame_paint.flush()  # strokes on a frame's canvas into the edit images (and the preview)
+        except (PreviewError, ReferenceError):
+            pass
     shots = {s.get(KEY): sc for sc in bpy.data.scenes for s in vse.all_strips(sc) if s.get(KEY)}
     if not shots:
         return
     if depsgraph.id_type_updated("IMAGE"):
+        names = {u.id.original.name for u in depsgraph.updates if isinstance(u.id, bpy.types.Image)}
         try:
-            sync()
+            sync(only=names or None)
         except PreviewError:
             pass  # Refresh reports it
     if not depsgraph.id_type_updated("SCENE"):
@@ -641,12 +909,17 @@ PAINT_POLL_S = 1.0
 
 
 def paint_poll() -> Optional[float]:
-    """GUI timer while a preview is on: while an edit image has unsaved paint, turn changed
-    edits into the preview (``sync`` is a checksum when nothing changed). Stops by itself when
-    no preview is left."""
-    if not _SHOTS:
+    """GUI timer while a preview is on or a frame is being painted: strokes on a frame's canvas
+    go into the edit images (``frame_paint.flush``); while an edit image has unsaved paint,
+    turn changed edits into the preview (``sync`` is a checksum when nothing changed). Stops by
+    itself when neither is left."""
+    from . import frame_paint
+
+    if not _SHOTS and not frame_paint._CANVASES:
         return None
     try:
+        if frame_paint._CANVASES:
+            frame_paint.flush()
         edits = [bpy.data.images.get(layer.edit) for st in _SHOTS.values() for layer in st.layers.values()]
         dirty = any(img is not None and img.is_dirty for img in edits)
         if dirty:

@@ -1,22 +1,31 @@
 #!/usr/bin/env python3
-"""How long after a stroke the live preview shows it, against today's Render Edit round trip.
+"""How long after a stroke the live preview shows it: the numpy engine against the Cycles engine
+(the implementation before it) and the Render Edit round trip, in one run.
 
     .venv-bpy/bin/python scripts/bench/preview_update.py --decomposition OUT [--json FILE]
     .venv-bpy/bin/python scripts/bench/preview_update.py --make DIR [--size 1920x1080 --frames 4]
 
-Runs with the bpy module (headless, Cycles on the CPU) against a finished decomposition with
-EXR maps (``--make`` decomposes a synthetic clip first with the backend's CLI: tiny training,
-atlas 3200, the map sizes are what matter here). In one run:
+Runs with the bpy module (headless) against a finished decomposition with EXR maps (``--make``
+decomposes a synthetic clip first with the backend's CLI: tiny training, atlas 3200, the map
+sizes are what matter here). For each engine (``cycles``: the preview scene rendered by Cycles
+on the CPU, one sample, as a scene strip; ``numpy``: the frame computed in numpy from its maps,
+shown by an image strip):
 
-* ``preview``: a stroke (a 48 x 48 texel block) goes into the background layer's edit image,
-  then ``preview.sync`` (the delta image from the edit's pixels) and a render of that frame
-  through the VSE (the scene strip, one Cycles sample per pixel): the time from the stroke to
-  the edited frame, median of ``--repeats`` strokes, with the two parts;
-* ``render_edit``: the baseline, the backend's render of the same edits (``python -m backend
-  edit``, the engine's part of Render Edit: every frame of the shot at the working resolution,
-  PNG), one run, wall time including its start; the ZMQ hop and placing the strip come on top.
+* the preview is turned on and the frame looked at is shown once (``enable_s``,
+  ``first_view_s``: the first view of a frame reads its maps);
+* a stroke (a 48 x 48 texel block) goes into the background layer's edit image (unsaved, as in
+  the UI), then ``preview.sync`` (what the add-on's depsgraph handler and paint timer run) and
+  the VSE's render of that frame (``bpy.ops.render.render``, not written to a file): the time
+  from the stroke to the edited frame, median of ``--repeats`` strokes, with the two parts.
+  Afterwards one written render checks that the last stroke is in the frame (not timed);
+* another frame of the shot shown after the strokes (``other_frame_s``: the numpy engine
+  recomputes it from its maps).
 
-Prints one JSON object (device, sizes, seconds, ratio render_edit / preview).
+Baseline: the backend's render of the same edits (``python -m backend edit``, the engine's part
+of Render Edit: every frame of the shot at the working resolution, PNG), one run, wall time
+including its start; the ZMQ hop and placing the strip come on top.
+
+Prints one JSON object (device, sizes, seconds per engine, ratios).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKEND_PY = os.environ.get("NEURAL_ATLAS_BACKEND_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
@@ -74,10 +84,12 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--engines", default="cycles,numpy", help="comma-separated, in this order")
     a = ap.parse_args()
     if a.decomposition is None and a.make is None:
         ap.error("give --decomposition OUT or --make DIR")
     out = (a.decomposition or make(a.make.resolve(), a.size, a.frames)).resolve()
+    load0 = list(os.getloadavg())
     tmp = Path(tempfile.mkdtemp(prefix="na_preview_bench_"))
     os.environ["BLENDER_USER_RESOURCES"] = str(tmp / "user")
     import bpy
@@ -115,30 +127,52 @@ def main() -> int:
     layer = job.n_layers - 1
     edit = B.images.find_image(job.shot, layer, "edit")
     S = int(edit.size[0])
-    t = time.perf_counter()
-    B.preview.enable(scene, job)
-    enable_s = time.perf_counter() - t
     frame = 1 + n // 2
+    other = 1 + (n // 2 + 1) % n
 
-    def render(path: Path) -> None:
+    def render(path: Optional[Path] = None) -> None:
+        scene.render.filepath = str(path or (tmp / "unused.png"))
+        bpy.ops.render.render(write_still=path is not None)
+
+    engines: dict = {}
+    for e_i, engine in enumerate(a.engines.split(",")):
         scene.frame_set(frame)
-        scene.render.filepath = str(path)
-        bpy.ops.render.render(write_still=True)
-
-    render(tmp / "first.png")  # the first render loads the maps and builds the shader
-    syncs, renders, totals = [], [], []
-    for k in range(a.repeats):
-        r0 = S // 2 - 200 + 100 * k
-        t0 = time.perf_counter()
-        B.images.paint_rect(edit, r0, S // 2 - 24, 48, 48, (1.0, 0.1 * k, 0.5, 1.0))  # the stroke
-        t1 = time.perf_counter()
-        B.preview.sync()
-        t2 = time.perf_counter()
-        render(tmp / f"stroke_{k}.png")
-        t3 = time.perf_counter()
-        syncs.append(t2 - t1)
-        renders.append(t3 - t2)
-        totals.append(t3 - t1)
+        t = time.perf_counter()
+        B.preview.enable(scene, job, engine=engine)
+        enable_s = time.perf_counter() - t
+        t = time.perf_counter()
+        scene.frame_set(frame)
+        render()  # the first render loads the maps / builds the shader
+        first_s = time.perf_counter() - t
+        render(tmp / f"{engine}_before.png")  # not timed: the frame before the strokes
+        syncs, renders, totals = [], [], []
+        for j in range(a.repeats):
+            r0 = S // 2 - 200 + 100 * j  # the same places for every engine, another colour
+            B.images.paint_rect(edit, r0, S // 2 - 24, 48, 48, (1.0 - 0.4 * e_i, 0.1 * j, 0.5, 1.0))  # the stroke
+            t1 = time.perf_counter()
+            B.preview.sync()
+            t2 = time.perf_counter()
+            render()
+            t3 = time.perf_counter()
+            syncs.append(t2 - t1)
+            renders.append(t3 - t2)
+            totals.append(t3 - t1)
+        # not timed: the strokes are in the frame
+        render(tmp / f"{engine}_with.png")
+        changed = int((np.abs(B.images.file_pixels(str(tmp / f"{engine}_with.png"))[..., :3] -
+                              B.images.file_pixels(str(tmp / f"{engine}_before.png"))[..., :3]).max(-1) > 0.02).sum())
+        t = time.perf_counter()
+        scene.frame_set(other)
+        render()
+        other_s = time.perf_counter() - t
+        B.preview.disable(scene, job)
+        engines[engine] = {
+            "enable_s": round(enable_s, 3), "first_view_s": round(first_s, 3),
+            "stroke_to_frame_s": round(float(np.median(totals)), 3),
+            "sync_s": round(float(np.median(syncs)), 3), "render_s": round(float(np.median(renders)), 3),
+            "other_frame_s": round(other_s, 3), "pixels_changed_by_the_strokes": changed,
+        }
+        print(json.dumps({engine: engines[engine]}), flush=True)
     B.images.save_dirty([edit])
     # the baseline: the backend's render of the same edit (all frames of the shot)
     edit_out = tmp / "render_edit"
@@ -147,18 +181,27 @@ def main() -> int:
                     f"{layer}={bpy.path.abspath(edit.filepath)}", "--out", str(edit_out), "--format", "png",
                     "--quiet", "--device", "cpu"], check=True, cwd=ROOT, capture_output=True)
     render_edit_s = time.perf_counter() - t
+    # the last numpy frame against the backend's render of the same edits (8-bit)
+    ref = B.images.file_pixels(str(edit_out / "frames" / f"{frame - 1:05d}.png"))[..., :3]
+    agree = None
+    if "numpy" in engines:
+        got = B.images.file_pixels(str(tmp / "numpy_with.png"))[..., :3]
+        d = np.abs(np.round(got * 255) - np.round(ref * 255))
+        agree = {"mean": round(float(d.mean()), 4), "max": float(d.max())}
     B.runtime.shutdown()
     res = {
-        "bench": "preview_update", "device": f"cpu: {cpu_name()}", "engine": "Cycles (bpy 5.0.1, CPU, 1 sample)",
+        "bench": "preview_update", "device": f"cpu: {cpu_name()}", "bpy": bpy.app.version_string,
+        "load_average_at_start": load0, "load_average_at_end": list(os.getloadavg()),
         "frame_size": [W, H], "frames": n, "layers": int(job.n_layers), "atlas_size": S,
-        "enable_s": round(enable_s, 3),
-        "preview_stroke_to_frame_s": round(float(np.median(totals)), 3),
-        "preview_sync_s": round(float(np.median(syncs)), 3),
-        "preview_render_s": round(float(np.median(renders)), 3),
+        "engines": engines, "numpy_vs_render_edit_8bit": agree,
         "render_edit_s": round(render_edit_s, 3), "render_edit_per_frame_s": round(render_edit_s / n, 3),
-        "ratio_render_edit_over_preview": round(render_edit_s / float(np.median(totals)), 2),
         "repeats": a.repeats,
     }
+    if "numpy" in engines and "cycles" in engines:
+        res["ratio_cycles_over_numpy"] = round(engines["cycles"]["stroke_to_frame_s"] /
+                                               engines["numpy"]["stroke_to_frame_s"], 2)
+    if "numpy" in engines:
+        res["ratio_render_edit_over_numpy"] = round(render_edit_s / engines["numpy"]["stroke_to_frame_s"], 2)
     print(json.dumps(res), flush=True)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
