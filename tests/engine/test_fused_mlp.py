@@ -57,22 +57,27 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _run_against_reference(fn, x, ws, bs, gy, need_dx, tf32):
+    """Forward and gradients (input where asked, weights, biases) of `fn` and of the
+    reference, with TF32 products on or off for both, restored afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        y = fn(x, ws, bs)
+        ref = _reference(x, ws, bs)
+        inputs = ([x] if need_dx else []) + ws + bs
+        return y, ref, torch.autograd.grad(y, inputs, gy), torch.autograd.grad(ref, inputs, gy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _check(in_dim, width, out_dim, layers, B, need_dx=True, tol=2e-6, tf32=False):
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     ws, bs = _net(in_dim, width, out_dim, layers, gen)
     x = (torch.randn(B, in_dim, generator=gen) * 0.7).to(DEVICE).requires_grad_(need_dx)
     gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        y = fm.fused_mlp(x, ws, bs)
-        ref = _reference(x, ws, bs)
-        inputs = ([x] if need_dx else []) + ws + bs
-        got = torch.autograd.grad(y, inputs, gy)
-        want = torch.autograd.grad(ref, inputs, gy)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    y, ref, got, want = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, need_dx, tf32)
     where = f"(in={in_dim} width={width} out={out_dim} layers={layers} B={B} seed={seed})"
     assert y.shape == ref.shape
     assert _rel(y, ref) < tol, f"forward {_rel(y, ref):.2e} {where}"
@@ -136,15 +141,7 @@ def test_chain_matches_reference(case):
     ws, bs = _net(in_dim, width, out_dim, layers, gen)
     x = torch.randn(B, in_dim, generator=gen).to(DEVICE).requires_grad_()
     gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        y = fm.chain_mlp(x, ws, bs)
-        ref = _reference(x, ws, bs)
-        got = torch.autograd.grad(y, [x] + ws + bs, gy)
-        want = torch.autograd.grad(ref, [x] + ws + bs, gy)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    y, ref, got, want = _run_against_reference(fm.chain_mlp, x, ws, bs, gy, True, False)
     assert _rel(y, ref) < 2e-6, f"forward (seed {seed})"
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape
