@@ -56,12 +56,13 @@ class _Graph:
 def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global: bool, residuals: bool,
                uv: list, rgb: list, res: list, alpha: torch.Tensor, gt: torch.Tensor, dx_gt: torch.Tensor,
                dy_gt: torch.Tensor, target: Optional[torch.Tensor], ok_fw: torch.Tensor,
-               ok_bw: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every weighted loss term of one step but the residual consistency, from the networks' outputs.
+               ok_bw: torch.Tensor, consistency: Optional[list] = None) -> dict[str, torch.Tensor]:
+    """Every weighted loss term of one step, from the networks' outputs.
 
     uv: N x (G, B, 2) mapping outputs per query group (0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw,
     5/6 rigidity, 7/8 global rigidity); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
-    groups 0-4; ``target`` the bootstrapping masks (None: that term is off). A pure function of
+    groups 0-4; ``target`` the bootstrapping masks (None: that term is off); ``consistency`` the
+    unweighted residual-consistency loss per layer (None: off). A pure function of
     tensors and constants, so that torch.compile can fuse it (``train.compile_losses``)."""
     N = len(uv)
     d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
@@ -90,6 +91,8 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
             out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
         if residuals and lc.residual_reg:
             out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
+        if consistency is not None:
+            out[f"residual_consistent_{i}"] = lc.residual_consistent * consistency[i]
     return out
 
 
@@ -246,24 +249,11 @@ class Trainer:
         dx_gt, dy_gt = data.color_gradients(b)
         bootstrap = N > 1 and bool(lc.alpha_bootstrapping) and iteration <= lc.alpha_bootstrapping_stop
         target = data.targets[b.f, b.y, b.x].float() if bootstrap else None
-        out = self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
-                                 rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
-                                 target, ok_fw, ok_bw)
-        if rc_on:
-            rc = {i: lc.residual_consistent * L.residual_consistency_loss(queries[i]["target"], others[i],
-                                                                           queries[i]["invisible"])
-                  for i in range(N)}
-            # each layer's term after that layer's others: the order (and so the sum) of before
-            merged: dict[str, torch.Tensor] = {}
-            keys = list(out)
-            for i in range(N):
-                mine = [k for k in keys if k.rsplit("_", 1)[-1] == str(i)]
-                at = keys.index(mine[-1]) + 1 if mine else len(keys)
-                keys.insert(at, f"residual_consistent_{i}")
-            for k in keys:
-                merged[k] = out[k] if k in out else rc[int(k.rsplit("_", 1)[-1])]
-            out = merged
-        return out
+        consistency = [L.residual_consistency_loss(queries[i]["target"], others[i], queries[i]["invisible"])
+                       for i in range(N)] if rc_on else None
+        return self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
+                                  rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
+                                  target, ok_fw, ok_bw, consistency)
 
     def _loss_terms(self):
         """:func:`loss_terms`, through torch.compile (one fused graph for the loss algebra, forward and
@@ -313,12 +303,6 @@ class Trainer:
         invisible = torch.where(group == 0, du > 0, torch.where(group == 1, du < 0,
                                 torch.where(group == 2, dv > 0, dv < 0)))
         return {"uv": uv_rep, "t": t_rep, "target": target, "invisible": invisible, "shape": (T, n, 9, 3)}
-
-    def residual_consistency(self, layer: int, batch: int) -> torch.Tensor:
-        """method.md 2.5: residual patches at the frame border, compared with other times."""
-        q = self.consistency_queries(layer, batch)
-        other = self.model.residual(layer, q["uv"], q["t"]).view(q["shape"])
-        return L.residual_consistency_loss(q["target"], other, q["invisible"])
 
     def _eager_step(self, iteration: int) -> dict[str, torch.Tensor]:
         losses = self.compute_losses(iteration)
