@@ -264,10 +264,7 @@ def merge_paint(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) ->
         changed = np.any(new != old, axis=-1)
         if not changed.any():
             continue
-        w, h = img.size
-        cur = np.empty(w * h * 4, np.float32)
-        images._pixels(img).foreach_get(cur)
-        cur = cur.reshape(h, w, 4)
+        cur = images.pixels(img)
         cur[changed] = new[changed]
         images._pixels(img).foreach_set(cur.ravel())
         img.update()

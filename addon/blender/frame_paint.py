@@ -174,13 +174,6 @@ class _Canvas:
 _CANVASES: dict[str, dict[int, _Canvas]] = {}  # shot -> layer -> canvas
 
 
-def _read(img: bpy.types.Image) -> np.ndarray:
-    w, h = img.size
-    a = np.empty(w * h * 4, np.float32)
-    images._pixels(img).foreach_get(a)
-    return a.reshape(h, w, 4)
-
-
 def _make_canvas(name: str, shot: str, layer: int, edit: bpy.types.Image, R: np.ndarray) -> _Canvas:
     S = int(edit.size[0])
     img = bpy.data.images.new(name, S, S, alpha=True, float_buffer=False)
@@ -190,7 +183,7 @@ def _make_canvas(name: str, shot: str, layer: int, edit: bpy.types.Image, R: np.
     seen = live.light(preview._encoded(edit), R)
     images._pixels(img).foreach_set(seen.ravel())
     img.update()
-    stored = _read(img)  # what the 8-bit canvas holds
+    stored = images.pixels(img)  # what the 8-bit canvas holds
     c = _Canvas(layer, img.name, edit.name, R, np.rint(stored * 255).astype(np.uint8), live.EditTracker(S))
     c.tracker.changed_bands(stored)
     return c
@@ -207,7 +200,7 @@ def flush(shot: Optional[str] = None) -> int:
             canvas, edit = bpy.data.images.get(c.canvas), bpy.data.images.get(c.edit)
             if canvas is None or edit is None or tuple(canvas.size) != tuple(edit.size):
                 continue
-            px = _read(canvas)
+            px = images.pixels(canvas)
             bands = c.tracker.changed_bands(px)
             if not bands:
                 continue
@@ -224,7 +217,7 @@ def flush(shot: Optional[str] = None) -> int:
                 c.last[r0:r1] = now
             if e is None:
                 continue
-            if edit.is_float and edit.colorspace_settings.name not in ("Non-Color", "Raw", "Generic Data"):
+            if preview.holds_linear(edit):
                 e[..., :3] = live.srgb_decode(e[..., :3])
             images._pixels(edit).foreach_set(e.ravel())
             edit.update()

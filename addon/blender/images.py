@@ -129,12 +129,19 @@ def _pixels(img: bpy.types.Image) -> Any:
     return img.pixels
 
 
+def pixels(img: bpy.types.Image, buffer: Optional[np.ndarray] = None) -> np.ndarray:
+    """(H, W, C) float32 as Blender holds them, row 0 = the BOTTOM; read into ``buffer`` (a flat
+    float32 array at least that large, reused by the caller) when given."""
+    w, h = img.size
+    n = w * h * img.channels
+    a = np.empty(n, np.float32) if buffer is None else buffer[:n]
+    _pixels(img).foreach_get(a)
+    return a.reshape(h, w, img.channels)
+
+
 def to_array(img: bpy.types.Image) -> np.ndarray:
     """(H, W, 4) float32, row 0 = top of the image."""
-    w, h = img.size
-    a = np.empty(w * h * img.channels, np.float32)
-    _pixels(img).foreach_get(a)
-    return np.flipud(a.reshape(h, w, img.channels))
+    return np.flipud(pixels(img))
 
 
 def file_pixels(path: str) -> np.ndarray:
@@ -145,10 +152,7 @@ def file_pixels(path: str) -> np.ndarray:
     try:
         tmp.colorspace_settings.name = "Non-Color"
         tmp.alpha_mode = "CHANNEL_PACKED"
-        w, h = tmp.size
-        a = np.empty(w * h * tmp.channels, np.float32)
-        _pixels(tmp).foreach_get(a)
-        return a.reshape(h, w, tmp.channels)
+        return pixels(tmp)
     finally:
         bpy.data.images.remove(tmp)
 

@@ -445,18 +445,19 @@ def _encoded(img: bpy.types.Image, reuse: bool = False) -> np.ndarray:
     if img.channels != 4:
         raise PreviewError(f"'{img.name}' has {img.channels} channels; an edit image is RGBA")
     n = w * h * 4
-    if reuse:
-        if not _BUFFER or _BUFFER[0].size < n:
-            _BUFFER[:] = [np.empty(n, np.float32)]
-        a = _BUFFER[0][:n]
-    else:
-        a = np.empty(n, np.float32)
-    images._pixels(img).foreach_get(a)
-    a = a.reshape(h, w, 4)
-    if img.is_float and img.colorspace_settings.name not in ("Non-Color", "Raw", "Generic Data"):
+    if reuse and (not _BUFFER or _BUFFER[0].size < n):
+        _BUFFER[:] = [np.empty(n, np.float32)]
+    a = images.pixels(img, _BUFFER[0] if reuse else None)
+    if holds_linear(img):
         # float buffers hold linear values: encode them as the PNG the backend reads holds them
         a[..., :3] = live.srgb_encode(a[..., :3])
     return a
+
+
+def holds_linear(img: bpy.types.Image) -> bool:
+    """A float image with a colour space: Blender holds its pixels linear, while the backend
+    reads the encoded values its PNG holds."""
+    return bool(img.is_float) and img.colorspace_settings.name not in ("Non-Color", "Raw", "Generic Data")
 
 
 def edit_delta(edit: np.ndarray, atlas: np.ndarray) -> np.ndarray:
