@@ -96,14 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     event_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    guard = None
     if hasattr(signal, "SIGINT"):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides; Ctrl-C reaches it
+        # the server decides; Ctrl-C reaches it. A native library (libtriton's LLVM at the first
+        # Triton compile) may install its own C-level SIGINT handler, which would let a Ctrl-C
+        # on the server's terminal kill this worker mid-step: the cancel token's polls put
+        # SIG_IGN back (backend/signals.py)
+        from backend.signals import SignalGuard
+        guard = SignalGuard(signal.SIG_IGN, [signal.SIGINT])
 
     from backend.errors import Cancelled, ConfigError, NeuralAtlasError
     from backend.progress import CancelToken
     from backend.service.store import FileLock
 
     cancel = CancelToken()
+    if guard is not None:
+        cancel.on_poll = guard.check
     events = _Events(event_fd, cancel)
 
     def read_stdin() -> None:

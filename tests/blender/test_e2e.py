@@ -2,9 +2,9 @@
 way the GUI drives it: operators submit, the timer poller (called directly: timers
 never fire in the bpy module) applies progress and results.
 
-One decomposition serves every test here (ordered): it is killed and restarted
-mid-job and must be re-attached; then atlases and edit images, a programmatic
-"brush stroke", Render Edit (saving the dirty edit) and the VSE result checked
+One decomposition (a module fixture, so any test here also runs alone) serves every test:
+it is killed and restarted mid-job and must be re-attached; then atlases and edit images, a
+programmatic "brush stroke", Render Edit (saving the dirty edit) and the VSE result checked
 against the ground truth computed from the engine's baked maps.
 """
 
@@ -18,9 +18,6 @@ import numpy as np
 import pytest
 
 from conftest import TMP, read_png, tick_until, tiny_overrides, use_local_backend
-
-S = {}  # state shared by the ordered tests of this module
-
 
 @pytest.fixture(scope="module")
 def shot(na, clip):
@@ -45,39 +42,56 @@ def _job(na, scene, kind="decompose"):
     return jobs[-1]
 
 
-def test_decompose_survives_backend_kill_and_restart(na, shot):
+@pytest.fixture(scope="module")
+def decomposed(na, shot):
+    """The module's one decomposition, killed and restarted mid-job: any test of this module
+    may run alone (``-k``), it gets the job all the same. Returns what was seen on the way."""
     import bpy
 
     rt = na.blender.runtime
     scene = shot["scene"]
+    seen = {}
     r = bpy.ops.neural_atlas.decompose(preset="demo", overrides=tiny_overrides(iterations=40))
     assert r == {"FINISHED"}
     job = _job(na, scene)
-    assert job.state == "submitting" and job.token and rt.get().backend is not None
-    assert bpy.app.timers.is_registered(rt.tick)  # the GUI driver is armed
+    seen["submitted"] = (job.state, bool(job.token), rt.get().backend is not None,
+                         bpy.app.timers.is_registered(rt.tick))  # the GUI driver is armed
     # progress flows into the job record through the poller
     tick_until(na, lambda: _job(na, scene).phase == "train" and _job(na, scene).iteration >= 10, 240)
     job = _job(na, scene)
-    assert job.job_id and job.state == "running" and 0 < job.fraction < 1 and job.iterations == 40
+    seen["running"] = (bool(job.job_id), job.state, job.fraction, job.iterations)
     job_id, first_iter = job.job_id, job.iteration
     # the backend dies mid-job (crash, OOM kill, ...)
     backend = rt.get().backend
     os.killpg(backend.pid, signal.SIGKILL)
     backend.proc.wait(10)
     tick_until(na, lambda: rt.get().backend is None, 60)
-    assert "exited" in rt.get().last_error and backend.log_path in rt.get().last_hint
+    seen["died"] = (rt.get().last_error, rt.get().last_hint, backend.log_path)
     # the artist restarts it: the same job resumes and is re-attached, not lost
-    assert bpy.ops.neural_atlas.backend_start() == {"FINISHED"}
+    seen["restart"] = bpy.ops.neural_atlas.backend_start()
     tick_until(na, lambda: _job(na, scene).state in ("done", "failed", "cancelled"), 300)
     job = _job(na, scene)
-    assert job.job_id == job_id and job.state == "done", (job.error, job.hint)
-    info = rt.get().session.jobs[job_id]
-    assert info.get("attempts", 0) >= 2 or info.get("resumed_from") is not None
-    assert job.iteration == 40 and first_iter < 40
-    S["job_id"] = job_id
+    info = rt.get().session.jobs.get(job.job_id, {})
+    seen["final"] = (job.job_id == job_id, job.state, job.error, job.hint, job.iteration, first_iter,
+                     info.get("attempts", 0), info.get("resumed_from"))
+    return seen
 
 
-def test_atlases_and_edit_images(na, shot):
+def test_decompose_survives_backend_kill_and_restart(na, shot, decomposed):
+    state, has_token, has_backend, timer_armed = decomposed["submitted"]
+    assert state == "submitting" and has_token and has_backend and timer_armed
+    has_id, state, fraction, iterations = decomposed["running"]
+    assert has_id and state == "running" and 0 < fraction < 1 and iterations == 40
+    last_error, last_hint, log_path = decomposed["died"]
+    assert "exited" in last_error and log_path in last_hint
+    assert decomposed["restart"] == {"FINISHED"}
+    same_id, state, error, hint, iteration, first_iter, attempts, resumed_from = decomposed["final"]
+    assert same_id and state == "done", (error, hint)
+    assert attempts >= 2 or resumed_from is not None
+    assert iteration == 40 and first_iter < 40
+
+
+def test_atlases_and_edit_images(na, shot, decomposed):
     job = _job(na, shot["scene"])
     assert job.atlases_loaded and job.n_layers == 2  # one object + background
     images = na.blender.images
@@ -111,7 +125,7 @@ def _bilinear(tex, col, row):
     return top * (1 - fr) + bot * fr
 
 
-def test_render_edit_saves_paint_and_lands_where_ground_truth_says(na, shot):
+def test_render_edit_saves_paint_and_lands_where_ground_truth_says(na, shot, decomposed):
     import bpy
 
     scene = shot["scene"]
@@ -173,10 +187,9 @@ def test_render_edit_saves_paint_and_lands_where_ground_truth_says(na, shot):
     # the strip shows the backend's frame for this timeline frame
     shown = read_png(os.path.join(bpy.path.abspath(out.directory), out.strip_elem_from_frame(t).filename))
     assert np.abs(shown[..., :3] - got).max() <= 2.5 / 255
-    S["render_strip"] = out.name
 
 
-def test_second_render_replaces_the_first(na, shot):
+def test_second_render_replaces_the_first(na, shot, decomposed):
     import bpy
 
     scene = shot["scene"]

@@ -70,6 +70,21 @@ def test_cancel_token_polls_rearm_through_the_cli_handler():
             signal.signal(s, h)
 
 
+def test_ignored_sigint_stays_ignored_after_a_native_library_takes_it():
+    """The service worker ignores SIGINT (the server decides): a C-level replacement (libtriton
+    installs a handler that ends the process) is undone at the next poll."""
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        guard = SignalGuard(signal.SIG_IGN, [signal.SIGINT])
+        assert c_handler(signal.SIGINT) == 1
+        _replace_c_handler_behind_pythons_back(signal.SIGINT, 0)  # SIG_DFL: Ctrl-C would kill
+        assert guard.check(force=True) == 1 and c_handler(signal.SIGINT) == 1
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt, still running
+        assert guard.check(force=True) == 0
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _cuda():
     try:
         import torch
