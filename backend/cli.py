@@ -104,6 +104,8 @@ def _config(args) -> Config:
         overrides.setdefault("train", {})["budget_s"] = parse_budget(args.budget)
     if getattr(args, "device", None):
         overrides.setdefault("train", {})["device"] = args.device
+    if getattr(args, "max_frames", None) is not None:
+        overrides.setdefault("clip", {})["max_frames"] = args.max_frames
     if getattr(args, "long_edge", None) is not None:
         overrides.setdefault("clip", {})["long_edge"] = args.long_edge
     if getattr(args, "flow", None):
@@ -304,6 +306,8 @@ def _add_model_opts(p: argparse.ArgumentParser, default_preset: str) -> None:
                         "measured step time so that training and export end within it (0: none)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--long-edge", type=int, help="working resolution: long edge in pixels (never upscales)")
+    p.add_argument("--max-frames", type=int, metavar="N",
+                   help="decompose at most N frames of the source (default 100, the seed's; 0: no cap)")
     p.add_argument("--flow", choices=("dis", "raft_small", "raft_large", "auto"), help="optical flow method")
     p.add_argument("--grid-backend", choices=("auto", "torch", "triton", "tcnn"), help="hash-grid implementation")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -285,6 +285,34 @@ def preset(name: str) -> Config:
         cfg.losses.alpha_bootstrapping_stop = 2_500
         cfg.losses.global_rigidity_stop = 1_250
         cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
+    elif name == "cpu":
+        # real footage on a CPU (docs/config.md, docs/deviations.md): long edge 256, the demo's
+        # 64-wide mapping, 12-level grids with larger tables and a finer finest texture level, a
+        # 2k batch for a number of samples per pixel (use --budget to bound the time), a cheap
+        # export (512^2 atlases, no videos or EXR maps: `render DIR` / `render DIR --maps` add them)
+        cfg.clip.long_edge = 256
+        cfg.model.mapping_width = 64
+        cfg.model.texture_grid = GridConfig(n_levels=12, log2_hashmap_size=16, base_resolution=16,
+                                            per_level_scale=1.4)
+        cfg.model.xyt_grid = GridConfig(n_levels=12, log2_hashmap_size=16, base_resolution=4,
+                                        per_level_scale=1.35)
+        cfg.train.iterations = 0
+        cfg.train.samples_per_pixel = 2.0
+        cfg.train.min_iterations = 300
+        cfg.train.max_iterations = 20_000
+        cfg.train.batch_size = 2048
+        cfg.train.pretrain_iterations = 10
+        cfg.train.pretrain_batch_size = 2048
+        cfg.train.checkpoint_every = 500
+        cfg.train.log_every = 100
+        cfg.train.mlp_lr = 1e-3
+        cfg.train.mapping_lr = 1e-3
+        cfg.train.lr_schedule = "cosine"
+        cfg.losses.alpha_bootstrapping_stop = 800
+        cfg.losses.global_rigidity_stop = 400
+        cfg.export.atlas_size = 512
+        cfg.export.write_videos = False
+        cfg.export.maps = "none"
     elif name == "demo":
         # the 2-core CPU demo (docs/deviations.md): a narrower mapping MLP, 8-level grids,
         # 1k batch, 400 iterations with the schedules scaled to them, 256^2 atlases
