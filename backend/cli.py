@@ -41,13 +41,17 @@ class ConsoleProgress:
         if self.quiet:
             return
         now = time.monotonic()
-        if p.phase == self.last_phase and now - self.last_t < 2.0 and p.phase not in ("done",):
+        plan = p.message.startswith("[schedule]")  # what the schedule chose and why: never dropped
+        if (p.phase == self.last_phase and now - self.last_t < 2.0 and p.phase not in ("done",)
+                and not plan):
             return
         self.last_phase, self.last_t = p.phase, now
         if self.json_lines:
             print(json.dumps({"progress": p.to_dict()}), flush=True)
             return
-        if p.phase == "train":
+        if plan:
+            msg = p.message
+        elif p.phase == "train":
             psnr = "  -  " if p.psnr is None else f"{p.psnr:.2f}"  # None right after a resume
             msg = (f"[train] it {p.iteration}/{p.iterations}  psnr {psnr} dB  {p.message}  "
                    f"eta {_fmt_eta(p.eta_s)}")
@@ -93,8 +97,15 @@ def _config(args) -> Config:
     overrides: dict = {}
     if getattr(args, "iterations", None) is not None:
         overrides.setdefault("train", {})["iterations"] = args.iterations
+    if getattr(args, "spp", None) is not None:  # a derived schedule: iterations from the shot's size
+        overrides.setdefault("train", {}).update(iterations=0, samples_per_pixel=args.spp)
+    if getattr(args, "budget", None) is not None:
+        from .train.schedule import parse_budget
+        overrides.setdefault("train", {})["budget_s"] = parse_budget(args.budget)
     if getattr(args, "device", None):
         overrides.setdefault("train", {})["device"] = args.device
+    if getattr(args, "max_frames", None) is not None:
+        overrides.setdefault("clip", {})["max_frames"] = args.max_frames
     if getattr(args, "long_edge", None) is not None:
         overrides.setdefault("clip", {})["long_edge"] = args.long_edge
     if getattr(args, "flow", None):
@@ -144,12 +155,19 @@ def run_notice(cfg: Config, preset_name: Optional[str], preset_given: bool) -> O
     cores = os.cpu_count() or 1
     rate = _SAMPLES_PER_S.get(kind) or _SAMPLES_PER_S["cpu_per_core"] * cores
     est = t.iterations * t.batch_size / rate
+    if t.budget_s > 0 and (t.iterations == 0 or est > t.budget_s):
+        est = t.budget_s
     where = f"{kind} ({cores} cores)" if kind == "cpu" else kind
     default_note = " (the default, the reference's schedule)" if preset_name == "seed" else " (the default)"
     what = (f"preset {preset_name}" + ("" if preset_given else default_note)
             if preset_name else "the --config file")
-    line = (f"[plan] {what}: {t.iterations:,} iterations of {t.batch_size:,} samples on {where}, "
-            f"roughly {_fmt_duration(est)} of training")
+    if t.iterations == 0:  # derived from the shot (backend/train/schedule.py): known once it is loaded
+        line = (f"[plan] {what}: iterations from the shot's size ({t.samples_per_pixel:g} samples/pixel, "
+                f"{t.min_iterations:,}-{t.max_iterations:,}) of {t.batch_size:,} samples on {where}")
+        line += (f", within a budget of {_fmt_duration(t.budget_s)}" if t.budget_s > 0 else "")
+    else:
+        line = (f"[plan] {what}: {t.iterations:,} iterations of {t.batch_size:,} samples on {where}, "
+                f"roughly {_fmt_duration(est)} of training")
     faster = "demo" if kind == "cpu" else "fast"
     long = est > _LONG_S and preset_name != faster
     if long or (not preset_given and preset_name != faster):
@@ -279,9 +297,17 @@ def _add_model_opts(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help=f"starting configuration (default {default_preset})")
     p.set_defaults(preset_default=default_preset)
     p.add_argument("--config", type=Path, help="TOML configuration file (overrides --preset)")
-    p.add_argument("--iterations", type=int, help="training iterations")
+    p.add_argument("--iterations", type=int, help="training iterations (0: derived from the shot, see --spp)")
+    p.add_argument("--spp", type=float, metavar="N",
+                   help="derive the iterations from the shot: N training samples per pixel of the working-"
+                        "resolution shot (pixels x frames); sets train.iterations = 0")
+    p.add_argument("--budget", metavar="TIME",
+                   help="time budget of the whole run, e.g. 90s, 10m, 1h: the iterations are capped from the "
+                        "measured step time so that training and export end within it (0: none)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--long-edge", type=int, help="working resolution: long edge in pixels (never upscales)")
+    p.add_argument("--max-frames", type=int, metavar="N",
+                   help="decompose at most N frames of the source (default 100, the seed's; 0: no cap)")
     p.add_argument("--flow", choices=("dis", "raft_small", "raft_large", "auto"), help="optical flow method")
     p.add_argument("--grid-backend", choices=("auto", "torch", "triton", "tcnn"), help="hash-grid implementation")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

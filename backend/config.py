@@ -82,7 +82,16 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    # 0: derived from the shot (samples_per_pixel, clamped to min/max_iterations; backend/train/schedule.py)
     iterations: int = 50_000
+    # with iterations = 0: training samples per pixel of the working-resolution shot (pixels x frames)
+    samples_per_pixel: float = 0.0
+    min_iterations: int = 2_000
+    max_iterations: int = 200_000
+    # wall-clock budget of the whole decomposition in seconds (0: none; CLI --budget 10m): the step
+    # time is measured after the first steps and the iterations capped so that training and the
+    # estimated export end within it
+    budget_s: float = 0.0
     batch_size: int = 10_000
     grid_lr: float = 1e-2
     mlp_lr: float = 1e-4  # texture, residual and alpha MLPs
@@ -114,7 +123,7 @@ class TrainConfig:
 @dataclass
 class ClipConfig:
     long_edge: int = 768  # working resolution, aspect kept, never upscaled
-    max_frames: int = 100  # seed's maximum_number_of_frames
+    max_frames: int = 100  # seed's maximum_number_of_frames; 0: no cap
     flow_method: str = "dis"  # dis | raft_small | raft_large | auto (RAFT when its weights and a GPU are here)
     flow_consistency_px: float = 1.0
 
@@ -186,6 +195,12 @@ class Config:
         t, m, c = self.train, self.model, self.clip
         checks = [
             (t.iterations >= 0, "train.iterations must be >= 0"),
+            (t.samples_per_pixel >= 0 and math.isfinite(t.samples_per_pixel),
+             "train.samples_per_pixel must be >= 0"),
+            (t.iterations > 0 or t.samples_per_pixel > 0,
+             "train.iterations = 0 (derived) needs train.samples_per_pixel > 0"),
+            (1 <= t.min_iterations <= t.max_iterations, "train.min_iterations must be in 1..max_iterations"),
+            (t.budget_s >= 0 and math.isfinite(t.budget_s), "train.budget_s must be >= 0 (0: no budget)"),
             (t.batch_size >= 16, "train.batch_size must be >= 16"),
             (t.grid_lr > 0 and t.mlp_lr > 0 and t.mapping_lr > 0, "learning rates must be > 0"),
             (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be constant|cosine"),
@@ -199,7 +214,7 @@ class Config:
             (m.mlp_backend in ("auto", "torch", "compile", "triton"),
              "model.mlp_backend must be auto|torch|compile|triton"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
-            (c.max_frames >= 2, "clip.max_frames must be >= 2"),
+            (c.max_frames == 0 or c.max_frames >= 2, "clip.max_frames must be 0 (no cap) or >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
              "clip.flow_method must be dis|raft_small|raft_large|auto"),
             (self.export.atlas_size == 0 or 16 <= self.export.atlas_size <= 16384,
@@ -224,23 +239,31 @@ class Config:
 
 
 # --------------------------------------------------------------------- presets
-PRESETS = ("seed", "demo", "fast", "quality")
+PRESETS = ("seed", "demo", "fast", "quality", "cpu")
 
 
 def preset(name: str) -> Config:
     """Named starting points. ``seed`` is the reference configuration.
 
     * ``seed``: the reference implementation's defaults (50k iterations, 10k batch).
-    * ``quality``: the seed's model, longer training at a larger batch.
     * ``fast``: the seed's model and losses tuned for time to quality on a GPU (docs/benchmarks.md).
+    * ``quality``: ``fast`` with a schedule from the shot's size (150 samples per pixel, meant to
+      be used with a ``--budget``) and atlases sized from the mapping.
     * ``demo``: a small model for the 2-core CPU demo (see docs/deviations.md).
+    * ``cpu``: real footage on a CPU: a small model at long edge 256 and a cheap export.
     """
     cfg = Config()
     if name == "seed":
         pass
     elif name == "quality":
-        cfg.train.iterations = 80_000
-        cfg.train.batch_size = 20_000
+        cfg = preset("fast")
+        # everything `fast` has (2^19 tables, cosine, TF32, ...), trained for a number of samples per
+        # pixel of the shot instead of a fixed 8,000 iterations (docs/config.md, "Schedules"); the
+        # loss stops stay at fast's number of samples
+        cfg.train.iterations = 0
+        cfg.train.samples_per_pixel = 150.0
+        cfg.train.checkpoint_every = 5_000
+        # LEAD: add `cfg.model.uv_init = "fit"` here after merging h/atlasfit (fitted atlases)
         cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
     elif name == "fast":
         # time to quality on a GPU (docs/deviations.md, docs/benchmarks.md): 4x the seed's batch with
@@ -262,6 +285,34 @@ def preset(name: str) -> Config:
         cfg.losses.alpha_bootstrapping_stop = 2_500
         cfg.losses.global_rigidity_stop = 1_250
         cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
+    elif name == "cpu":
+        # real footage on a CPU (docs/config.md, docs/deviations.md): long edge 256, the demo's
+        # 64-wide mapping, 12-level grids with larger tables and a finer finest texture level, a
+        # 2k batch for a number of samples per pixel (use --budget to bound the time), a cheap
+        # export (512^2 atlases, no videos or EXR maps: `render DIR` / `render DIR --maps` add them)
+        cfg.clip.long_edge = 256
+        cfg.model.mapping_width = 64
+        cfg.model.texture_grid = GridConfig(n_levels=12, log2_hashmap_size=16, base_resolution=16,
+                                            per_level_scale=1.4)
+        cfg.model.xyt_grid = GridConfig(n_levels=12, log2_hashmap_size=16, base_resolution=4,
+                                        per_level_scale=1.35)
+        cfg.train.iterations = 0
+        cfg.train.samples_per_pixel = 2.0
+        cfg.train.min_iterations = 300
+        cfg.train.max_iterations = 20_000
+        cfg.train.batch_size = 2048
+        cfg.train.pretrain_iterations = 10
+        cfg.train.pretrain_batch_size = 2048
+        cfg.train.checkpoint_every = 500
+        cfg.train.log_every = 100
+        cfg.train.mlp_lr = 1e-3
+        cfg.train.mapping_lr = 1e-3
+        cfg.train.lr_schedule = "cosine"
+        cfg.losses.alpha_bootstrapping_stop = 800
+        cfg.losses.global_rigidity_stop = 400
+        cfg.export.atlas_size = 512
+        cfg.export.write_videos = False
+        cfg.export.maps = "none"
     elif name == "demo":
         # the 2-core CPU demo (docs/deviations.md): a narrower mapping MLP, 8-level grids,
         # 1k batch, 400 iterations with the schedules scaled to them, 256^2 atlases

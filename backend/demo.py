@@ -205,7 +205,7 @@ def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 
     cfg = config or preset("demo")
     if device != "auto":
         cfg = cfg.replace(train={"device": device})
-    if cfg.clip.long_edge < max(width, height) or cfg.clip.max_frames < n_frames:
+    if cfg.clip.long_edge < max(width, height) or 0 < cfg.clip.max_frames < n_frames:
         # the yardsticks compare with the ground truth pixel for pixel, frame for frame: train
         # on the whole clip at its own size (a preset's working size would shrink it)
         cfg = cfg.replace(clip={"long_edge": max(width, height, cfg.clip.long_edge),

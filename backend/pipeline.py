@@ -38,7 +38,7 @@ def prepare_output(out_dir: str | Path) -> Path:
 
 def _load(source, cfg: Config, masks, frame_range) -> Clip:
     return load_clip(source, masks=masks, frame_range=frame_range, long_edge=cfg.clip.long_edge,
-                     max_frames=cfg.clip.max_frames)
+                     max_frames=cfg.clip.max_frames or None)  # 0: no cap
 
 
 def _detected_masks(clip: Clip, out: Path, detect: dict, progress: ProgressFn) -> list[str]:
@@ -131,20 +131,29 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
     flow_seconds = time.perf_counter() - t_flow
     cancel.raise_if_cancelled()
     trainer = Trainer(clip, flow, cfg, progress=progress, cancel=cancel)
+    trainer.deadline = t_start + cfg.train.budget_s  # a budget counts from loading the clip
     ckpt = out / "checkpoints"
     if resume and read_meta(ckpt) is not None:
         it = load_checkpoint(ckpt, trainer)
-        progress(Progress("train", iteration=it, iterations=cfg.train.iterations,
+        progress(Progress("train", iteration=it, iterations=trainer.horizon,
                           message=f"resumed from checkpoint at iteration {it}"))
     elif not resume and read_meta(ckpt) is not None:
         raise CheckpointError(f"{ckpt} holds a checkpoint; pass resume=True (CLI: drop --no-resume) "
                               "or choose another output folder")
-    trainer.train(checkpoint_dir=ckpt)
+    from .train.memory import HostMemorySampler
+    with HostMemorySampler() as host_memory:
+        trainer.train(checkpoint_dir=ckpt)
+    memory = {"host": host_memory.report()}  # during training (and pretraining)
+    if trainer.device.type == "cuda":
+        import torch
+        memory["gpu_allocated_gb"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2 ** 30, 3)
+        memory["gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved(trainer.device) / 2 ** 30, 3)
     # total_seconds: this call's wall time, loading to the written report (a resumed run counts
     # only its own part)
     export_all(trainer, clip, out, cfg, progress=progress, cancel=cancel, started=t_start,
                extra_report={"flow_seconds": round(flow_seconds, 3),
-                             "flow_method": getattr(flow, "method", cfg.clip.flow_method)})
+                             "flow_method": getattr(flow, "method", cfg.clip.flow_method),
+                             "schedule": trainer.plan.to_dict(), "training_memory": memory})
     progress(Progress("done", fraction=1.0, message=f"wrote {out}"))
     return out
 

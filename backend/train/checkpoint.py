@@ -60,6 +60,7 @@ def save_checkpoint(folder: Path, trainer) -> Path:
         "param_groups": [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
                          | {"params": g["params"]} for g in opt["param_groups"]],
         "config": trainer.cfg.to_dict(),
+        "schedule": trainer.plan.to_dict(),  # the chosen plan (backend/train/schedule.py): resume keeps it
     }
     write_json(folder / "latest.json", meta)
     for old in folder.glob("ckpt_*.safetensors"):
@@ -135,6 +136,11 @@ def load_checkpoint(folder: Path, trainer) -> int:
                 g[flag] = current[flag]
         groups.append(g)
     trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if meta.get("schedule"):  # the plan this run chose (a budget's measurement is not repeated)
+        from .schedule import Plan
+        plan = Plan.from_dict(meta["schedule"])
+        plan.final = plan.final or plan.step_ms is not None or plan.budget_s <= 0
+        trainer.plan = plan
     trainer.restore_lr(int(meta["iteration"]))  # saved as floats; a graphed schedule reads tensors
     trainer.gen.set_state(tensors["rng.sampler"])
     st = trainer.state

@@ -25,6 +25,7 @@ from ..errors import Cancelled
 from ..model import LayeredModel
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
 from .data import TrainingData
+from . import schedule as S
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +123,11 @@ class Trainer:
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(t.seed)
         self.state = TrainState()
+        # the schedule (backend/train/schedule.py): horizon, loss stops, budget; a checkpoint's wins
+        self.plan = S.initial_plan(t, self.cfg.losses, self.geom.width, self.geom.height, self.geom.n_frames)
+        self.deadline = time.perf_counter() + t.budget_s  # the pipeline counts from its own start
+        warm = (10, 40) if cuda else (3, 10)  # CUDA: graph capture and compilation in the first steps
+        self._timer = S.StepTimer(*warm)
         self._graphs: dict[tuple, _Graph] = {}
         self._eager_in_phase: dict[tuple, int] = {}
         self._compiled_terms = None
@@ -138,15 +144,27 @@ class Trainer:
         return torch.randint(low, high, shape, device=self.device, generator=self.gen)
 
     # ------------------------------------------------------------ schedule
+    @property
+    def horizon(self) -> int:
+        """The planned iterations: the learning-rate horizon and where training ends."""
+        return self.plan.iterations if self.plan.scheduled else self.cfg.train.iterations
+
+    @property
+    def stops(self) -> tuple[int, int]:
+        """(alpha bootstrapping, global rigidity): the last iteration each term is on."""
+        if self.plan.scheduled:
+            return self.plan.alpha_bootstrapping_stop, self.plan.global_rigidity_stop
+        return self.cfg.losses.alpha_bootstrapping_stop, self.cfg.losses.global_rigidity_stop
+
     def lr_factor(self, iteration: int) -> float:
         """The schedule's multiplier of every group's learning rate at ``iteration`` (1-based)."""
-        t = self.cfg.train
-        if t.lr_schedule == "constant" or t.iterations <= 0:
+        t, n = self.cfg.train, self.horizon
+        if t.lr_schedule == "constant" or n <= 0:
             return 1.0
-        start = t.lr_decay_start * t.iterations
+        start = t.lr_decay_start * n
         if iteration <= start:
             return 1.0
-        p = min((iteration - start) / max(t.iterations - start, 1.0), 1.0)
+        p = min((iteration - start) / max(n - start, 1.0), 1.0)
         return t.lr_final_factor + (1.0 - t.lr_final_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
     def install_lr_tensors(self) -> None:
@@ -215,7 +233,8 @@ class Trainer:
         x, y, f = b.x.float(), b.y.float(), b.f.float()
         fw, bw, ok_fw, ok_bw = data.flow_at(b)
         d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
-        use_global = iteration <= lc.global_rigidity_stop and (lc.global_rigidity_fg > 0 or lc.global_rigidity_bg > 0)
+        boot_stop, global_stop = self.stops
+        use_global = iteration <= global_stop and (lc.global_rigidity_fg > 0 or lc.global_rigidity_bg > 0)
         # query groups: 0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw, 5/6 rigidity, 7/8 global rigidity
         xs = [x, x + 1, x, x + fw[:, 0], x + bw[:, 0], x - d, x]
         ys = [y, y, y + 1, y + fw[:, 1], y + bw[:, 1], y, y - d]
@@ -247,7 +266,7 @@ class Trainer:
 
         gt = data.color(b)
         dx_gt, dy_gt = data.color_gradients(b)
-        bootstrap = N > 1 and bool(lc.alpha_bootstrapping) and iteration <= lc.alpha_bootstrapping_stop
+        bootstrap = N > 1 and bool(lc.alpha_bootstrapping) and iteration <= boot_stop
         target = data.targets[b.f, b.y, b.x].float() if bootstrap else None
         consistency = [L.residual_consistency_loss(queries[i]["target"], others[i], queries[i]["invisible"])
                        for i in range(N)] if rc_on else None
@@ -314,8 +333,8 @@ class Trainer:
 
     def phase(self, iteration: int) -> tuple[bool, bool]:
         """Which scheduled terms are active: (alpha bootstrapping, global rigidity)."""
-        lc = self.cfg.losses
-        return iteration <= lc.alpha_bootstrapping_stop, iteration <= lc.global_rigidity_stop
+        boot_stop, global_stop = self.stops
+        return iteration <= boot_stop, iteration <= global_stop
 
     def step(self, iteration: int) -> dict[str, torch.Tensor]:
         """One optimisation step. On CUDA each schedule phase is captured once as a CUDA graph
@@ -375,8 +394,10 @@ class Trainer:
         much training time has passed (benchmarks)."""
         from .checkpoint import save_checkpoint
 
-        total = self.cfg.train.iterations if iterations is None else iterations
+        total = self.horizon if iterations is None else iterations
         st = self.state
+        self.progress(Progress("train", iteration=st.iteration, iterations=total,
+                               message="[schedule] " + self.plan.reason()))
         if not st.pretrained:
             self.progress(Progress("pretrain", message="mapping pretraining"))
             self.pretrain()
@@ -395,6 +416,9 @@ class Trainer:
             it = st.iteration + 1
             losses = self.step(it)
             st.iteration = it
+            if iterations is None and self.plan.budget_s > 0 and not self.plan.final:
+                self._budget_tick(it)
+                total = self.horizon
             now = time.perf_counter()
             st.seconds += now - t_last
             t_last = now
@@ -417,6 +441,34 @@ class Trainer:
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, self)
         return st
+
+    def _budget_tick(self, it: int) -> None:
+        """Measure the step time in a window and cap the plan to the budget (schedule.py). Two
+        windows: after the run's first steps, and after the last loss stop (cheaper steps) when
+        that is still before the learning rate starts to decay."""
+        p, timer = self.plan, self._timer
+        if not timer.armed and not p.replans:
+            timer.arm(it - 1)
+        step_s = timer.tick(it, lambda: (self._sync(), time.perf_counter())[1])
+        if step_s is None:
+            return
+        g = self.geom
+        export_s = S.estimate_export_s(g.width, g.height, g.n_frames, self.n_layers, self.device.type)
+        left = self.deadline - time.perf_counter() - export_s - S.budget_margin_s(p.budget_s)
+        new = S.budget_iterations(it, p.target_iterations, step_s, left)
+        if p.scheduled:
+            S.with_iterations(p, new, self.cfg.losses, done=it)
+        p.capped_by = "budget" if new < p.target_iterations else p.capped_by
+        p.step_ms, p.export_estimate_s = round(step_s * 1e3, 3), round(export_s, 1)
+        p.replans.append([it, new, p.step_ms, round(left, 1)])
+        last_stop = max(self.stops)
+        second = timer.warmup + timer.window
+        if len(p.replans) == 1 and it < last_stop and last_stop + second < self.cfg.train.lr_decay_start * p.iterations:
+            timer.arm(last_stop)
+        else:
+            p.final = True
+        self.progress(Progress("train", iteration=it, iterations=self.horizon,
+                               message=f"[schedule] re-planned at iteration {it}: {p.reason()}"))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

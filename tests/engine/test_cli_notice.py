@@ -26,8 +26,11 @@ def test_default_preset_on_gpu_names_fast_and_a_chosen_quick_run_says_nothing():
     assert run_notice(preset("demo").replace(train={"device": "cpu"}), "demo", preset_given=True) is None
     assert run_notice(preset("fast").replace(train={"device": "cuda"}), "fast", preset_given=True) is None
     # chosen explicitly but long for the device: still said, with the faster preset
-    long = run_notice(preset("quality").replace(train={"device": "cpu"}), "quality", preset_given=True)
-    assert long and "80,000 iterations" in long and "--preset demo" in long
+    long = run_notice(preset("seed").replace(train={"device": "cpu"}), "seed", preset_given=True)
+    assert long and "50,000 iterations" in long and "--preset demo" in long
+    # a schedule derived from the shot says so (its length is known once the clip is loaded)
+    derived = run_notice(preset("quality").replace(train={"device": "cuda", "budget_s": 300.0}), "quality", False)
+    assert "iterations from the shot's size (150 samples/pixel" in derived and "budget of 5 min" in derived
     # --iterations is what runs
     few = run_notice(preset("seed").replace(train={"device": "cpu", "iterations": 10}), "seed", False)
     assert "10 iterations" in few
