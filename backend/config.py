@@ -46,6 +46,10 @@ class ModelConfig:
     # atlas scale per layer kind: pretraining target uv = s * xy (seed: [0.9, 0.6])
     uv_scale_fg: float = 0.9
     uv_scale_bg: float = 0.6
+    # how the mapping pretraining's target uv is chosen (backend/train/uvfit.py, docs/atlas.md):
+    # "seed": uv = s * xy with the scales above; "fit": each object's mask track fills its atlas
+    # (per-frame centre, one scale) and the background's panorama over the camera motion fills its
+    uv_init: str = "seed"
     texture_grid: GridConfig = field(default_factory=GridConfig)
     xyt_grid: GridConfig = field(default_factory=GridConfig)
     # "auto" picks triton on CUDA, then tinycudann if importable, else torch
@@ -198,6 +202,7 @@ class Config:
              "model.encoding_backend must be auto|torch|triton|tcnn"),
             (m.mlp_backend in ("auto", "torch", "compile", "triton"),
              "model.mlp_backend must be auto|torch|compile|triton"),
+            (m.uv_init in ("seed", "fit"), "model.uv_init must be seed|fit"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
             (c.max_frames >= 2, "clip.max_frames must be >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),

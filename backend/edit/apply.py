@@ -257,7 +257,7 @@ class EditRenderer:
             maps = [self._maps(i, f) for i in live]
             out = composite_delta(torch.from_numpy(np.array(self.clip.frames_uint8(f, f + 1)[0])).to(self.device),
                                   torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]),
-                                  torch.stack([m[2] for m in maps]), torch.stack([self.deltas[i] for i in live]),
+                                  torch.stack([m[2] for m in maps]), [self.deltas[i] for i in live],
                                   opacity=torch.tensor([self.layer_opacity(i, f) for i in live]))
             return out.cpu().numpy().astype(np.float32) / 255.0
         frame = torch.from_numpy(self.clip.frames[f]).to(self.device)
