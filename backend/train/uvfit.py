@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 #: The fraction of the atlas's half-width a fitted layer's extent maps to.
-OBJECT_FILL, BACKGROUND_FILL = 0.8, 0.9
+OBJECT_FILL, BACKGROUND_FILL = 0.85, 0.9
 #: Frames with fewer mask pixels than this do not measure an object's extent or centre.
 MIN_MASK_PIXELS = 16
 

@@ -71,11 +71,11 @@ def test_auto_size_of_the_initial_mapping():
     cfg = tiny_config(pretrain_iterations=150)
     tr = Trainer(clip, compute_flow(clip), cfg, torch.device("cpu"))
     tr.pretrain()
-    size, per_layer = auto_atlas_size(tr.model, tr.geom)
+    sizes, per_layer = auto_atlas_size(tr.model, tr.geom)
     # alpha is not trained yet: the object layer is nowhere above 0.5, the background everywhere
     assert per_layer[0] is None
     assert per_layer[1] == pytest.approx(48 / tr.model.uv_scales[1], rel=0.15)  # 0.6 -> 80 texels
-    assert size == AUTO_ATLAS_MIN  # this clip is tiny
+    assert sizes == [AUTO_ATLAS_MIN, AUTO_ATLAS_MIN]  # each layer its own size; this clip is tiny
 
 
 def test_decompose_with_auto_atlas_size(tmp_path):
