@@ -13,7 +13,8 @@ An edit image for layer i is read in one of three ways (docs/atlas.md):
     delta a (rgb - T) is premultiplied before bilinear sampling);
   * RGBA whose alpha equals the exported atlas's alpha, or RGB: a painted copy of the atlas;
     texels that differ from the atlas (beyond the file's quantisation) are the edit.
-Edit images of another size are resampled to the atlas size (bilinear, premultiplied).
+Edit images of another size are resampled to their layer's atlas size S_i (bilinear, premultiplied;
+each layer has its own size, docs/atlas.md).
 """
 
 from __future__ import annotations
