@@ -46,6 +46,10 @@ class ModelConfig:
     # atlas scale per layer kind: pretraining target uv = s * xy (seed: [0.9, 0.6])
     uv_scale_fg: float = 0.9
     uv_scale_bg: float = 0.6
+    # how the mapping pretraining's target uv is chosen (backend/train/uvfit.py, docs/atlas.md):
+    # "seed": uv = s * xy with the scales above; "fit": each object's mask track fills its atlas
+    # (per-frame centre, one scale) and the background's panorama over the camera motion fills its
+    uv_init: str = "seed"
     texture_grid: GridConfig = field(default_factory=GridConfig)
     xyt_grid: GridConfig = field(default_factory=GridConfig)
     # "auto" picks triton on CUDA, then tinycudann if importable, else torch
@@ -213,6 +217,7 @@ class Config:
              "model.encoding_backend must be auto|torch|triton|tcnn"),
             (m.mlp_backend in ("auto", "torch", "compile", "triton"),
              "model.mlp_backend must be auto|torch|compile|triton"),
+            (m.uv_init in ("seed", "fit"), "model.uv_init must be seed|fit"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
             (c.max_frames == 0 or c.max_frames >= 2, "clip.max_frames must be 0 (no cap) or >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
@@ -248,7 +253,8 @@ def preset(name: str) -> Config:
     * ``seed``: the reference implementation's defaults (50k iterations, 10k batch).
     * ``fast``: the seed's model and losses tuned for time to quality on a GPU (docs/benchmarks.md).
     * ``quality``: ``fast`` with a schedule from the shot's size (150 samples per pixel, meant to
-      be used with a ``--budget``) and atlases sized from the mapping.
+      be used with a ``--budget``), atlases fitted to their layers (``model.uv_init = "fit"``) and
+      sized from the mapping.
     * ``demo``: a small model for the 2-core CPU demo (see docs/deviations.md).
     * ``cpu``: real footage on a CPU: a small model at long edge 256 and a cheap export.
     """
@@ -263,7 +269,9 @@ def preset(name: str) -> Config:
         cfg.train.iterations = 0
         cfg.train.samples_per_pixel = 150.0
         cfg.train.checkpoint_every = 5_000
-        # LEAD: add `cfg.model.uv_init = "fit"` here after merging h/atlasfit (fitted atlases)
+        # atlases fitted to their layer: objects from their mask track, the background from the
+        # camera motion (docs/atlas.md, docs/deviations.md)
+        cfg.model.uv_init = "fit"
         cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
     elif name == "fast":
         # time to quality on a GPU (docs/deviations.md, docs/benchmarks.md): 4x the seed's batch with

@@ -86,7 +86,7 @@ def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_px: fl
     seen at a reference pixel, render, and measure where it lands in every frame."""
     from .edit import load_bake
     bake = load_bake(result_dir)
-    S = bake.meta["atlas_size"]
+    S = int(bake.atlases[layer].shape[0])  # this layer's own atlas size S_i
     t_ref, uv_map, a_map, (x, y) = reference_frame(scene, layer, bake)
     uv0 = uv_map[y, x].astype(np.float64)
     tex0 = scene.tex_coords_at(layer, t_ref)[y, x]
@@ -217,7 +217,7 @@ def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 
     dec = json.loads((result / "report.json").read_text())
     from .edit import load_bake
     bake = load_bake(result)
-    S = bake.meta["atlas_size"]
+    sizes = [int(a.shape[0]) for a in bake.atlases]  # S_i per layer
     render_device = "cuda" if dec["device"].startswith(("NVIDIA", "cuda")) else "cpu"
     measured = measure(result, clip_dir, render_device)
     frame_paint = measure_frame_paint(result, clip_dir, out / "frame_paint", render_device)
@@ -225,6 +225,7 @@ def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 
     # the demo's edited shot: every mark at once, written as PNG frames and mp4
     edits = {}
     for m in marks:
+        S = sizes[m["layer"]]
         img = paint_disc(np.zeros((S, S, 4), np.float32), m["atlas_uv"], m["radius_texels"],
                          MARK_COLOURS[m["layer"] % len(MARK_COLOURS)])
         edits[m["layer"]] = write_png16_rgba(out / "edits" / f"layer_{m['layer']}.png", img)

@@ -9,6 +9,8 @@ seed would give NaN.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.nn import functional as F
 
@@ -68,11 +70,14 @@ def flow_mapping_loss(uv: torch.Tensor, uv_fw: torch.Tensor, ok_fw: torch.Tensor
 
 
 def rigidity_loss(uv: torch.Tensor, uv_xm: torch.Tensor, uv_ym: torch.Tensor,
-                  rez: int, uv_scale: float, d: float) -> torch.Tensor:
+                  rez: int, uv_scale: float, d: float,
+                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Local rigidity of the mapping from backward differences at distance ``d`` pixels.
 
     J = [[du/dx, du/dy], [dv/dx, dv/dy]] with du/dx = (u(x) - u(x - d)) * rez/2 / s / d;
-    loss = ||J^T J||_F + ||(J^T J + 0.001 I)^-1||_F, averaged over the batch.
+    loss = ||J^T J||_F + ||(J^T J + 0.001 I)^-1||_F, averaged over the batch, or with
+    ``weight`` (B,) its weighted mean sum(w l) / max(sum(w), 1) (``model.uv_init = "fit"``: an
+    object's alpha, so the points that never show it do not hold its magnified mapping back).
     """
     k = rez / 2.0 / uv_scale / d
     dx = (uv - uv_xm) * k  # (du/dx, dv/dx)
@@ -85,7 +90,9 @@ def rigidity_loss(uv: torch.Tensor, uv_xm: torch.Tensor, uv_ym: torch.Tensor,
     det = a_r * d_r - b * b
     jtj = torch.sqrt(a * a + 2 * b * b + dd * dd)
     inv = torch.sqrt(d_r * d_r + 2 * b * b + a_r * a_r) / det.abs()
-    return (jtj + inv).mean()
+    if weight is None:
+        return (jtj + inv).mean()
+    return (weight * (jtj + inv)).sum() / weight.sum().clamp_min(1.0)
 
 
 def residual_reg_loss(residual: torch.Tensor) -> torch.Tensor:

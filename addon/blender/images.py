@@ -85,6 +85,9 @@ def ensure_edit(job_id: str, layer: int, label: str, size: tuple[int, int], path
         if img.is_dirty:
             save_image(img)
         img.scale(int(size[0]), int(size[1]))
+        # saved at once: setting the colour space below reloads a file image from disk, which
+        # would bring back the old size (and each layer's atlas may change size on its own)
+        save_image(img)
     if img is None:
         img = bpy.data.images.new(edit_name(label, layer), int(size[0]), int(size[1]), alpha=True,
                                   float_buffer=False)

@@ -13,7 +13,8 @@ An edit image for layer i is read in one of three ways (docs/atlas.md):
     delta a (rgb - T) is premultiplied before bilinear sampling);
   * RGBA whose alpha equals the exported atlas's alpha, or RGB: a painted copy of the atlas;
     texels that differ from the atlas (beyond the file's quantisation) are the edit.
-Edit images of another size are resampled to the atlas size (bilinear, premultiplied).
+Edit images of another size are resampled to their layer's atlas size S_i (bilinear, premultiplied;
+each layer has its own size, docs/atlas.md).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ class EditRenderer:
             maps = [self._maps(i, f) for i in live]
             out = composite_delta(torch.from_numpy(np.array(self.clip.frames_uint8(f, f + 1)[0])).to(self.device),
                                   torch.stack([m[0] for m in maps]), torch.stack([m[1] for m in maps]),
-                                  torch.stack([m[2] for m in maps]), torch.stack([self.deltas[i] for i in live]),
+                                  torch.stack([m[2] for m in maps]), [self.deltas[i] for i in live],
                                   opacity=torch.tensor([self.layer_opacity(i, f) for i in live]))
             return out.cpu().numpy().astype(np.float32) / 255.0
         frame = torch.from_numpy(self.clip.frames[f]).to(self.device)

@@ -1,7 +1,7 @@
 """One fused GPU pass per frame for edit re-rendering (delta mode), in Triton.
 
 For every pixel: ``out = frame + sum_i o_i * alpha_i * R_i * D_i(uv_i)`` where ``D_i`` is layer i's
-premultiplied edit delta image (S x S x 3) and ``o_i`` its opacity at this frame (the edit's
+premultiplied edit delta image (S_i x S_i x 3, each layer its own size) and ``o_i`` its opacity at this frame (the edit's
 lifetime; 1 when not given), sampled bilinearly with the atlas convention of
 ``backend.export.atlas`` (``grid_sample(align_corners=False, padding_mode='border')``), then
 clamped and quantised to 8 bits (``floor(x * 255 + 0.5)``, as the PNG writer does). Inputs are
@@ -29,12 +29,12 @@ except Exception:  # pragma: no cover - no triton here
 
 
 def composite_delta_torch(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch.Tensor,
-                          residual: torch.Tensor, deltas: torch.Tensor,
+                          residual: torch.Tensor, deltas,
                           opacity: torch.Tensor | None = None) -> torch.Tensor:
-    """frame (H,W,3) uint8, uv (N,H,W,2), alpha (N,H,W), residual (N,H,W,3), deltas (N,S,S,3),
-    opacity (N,) or None (all 1) -> uint8."""
+    """frame (H,W,3) uint8, uv (N,H,W,2), alpha (N,H,W), residual (N,H,W,3), deltas: N images
+    (S_i,S_i,3) (a list, or one (N,S,S,3) tensor), opacity (N,) or None (all 1) -> uint8."""
     out = frame_u8.to(torch.float32) / 255.0
-    for i in range(deltas.shape[0]):
+    for i in range(len(deltas)):
         a = alpha[i].float() if opacity is None else alpha[i].float() * opacity[i].float()
         out = out + a[..., None] * residual[i].float() * sample_atlas(deltas[i], uv[i].float())
     return torch.floor(out.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
@@ -42,7 +42,7 @@ def composite_delta_torch(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch
 
 if triton is not None:
     @triton.jit
-    def _composite_kernel(frame, uv, alpha, res, delta, opacity, out, n_pix, S,
+    def _composite_kernel(frame, uv, alpha, res, delta, sizes, starts, opacity, out, n_pix,
                           N: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         p = pid * BLOCK + tl.arange(0, BLOCK)
@@ -50,9 +50,10 @@ if triton is not None:
         r = tl.load(frame + p * 3 + 0, mask=m, other=0).to(tl.float32) / 255.0
         g = tl.load(frame + p * 3 + 1, mask=m, other=0).to(tl.float32) / 255.0
         b = tl.load(frame + p * 3 + 2, mask=m, other=0).to(tl.float32) / 255.0
-        smax = (S - 1).to(tl.float32)
-        half = S.to(tl.float32) * 0.5
         for i in tl.static_range(N):
+            S = tl.load(sizes + i)  # layer i's atlas size; its delta starts at element starts[i]
+            smax = (S - 1).to(tl.float32)
+            half = S.to(tl.float32) * 0.5
             base = i * n_pix + p
             u = tl.load(uv + base * 2 + 0, mask=m, other=0.0).to(tl.float32)
             v = tl.load(uv + base * 2 + 1, mask=m, other=0.0).to(tl.float32)
@@ -71,7 +72,7 @@ if triton is not None:
             y0 = y0f.to(tl.int32)
             x1 = tl.minimum(x0 + 1, S - 1)
             y1 = tl.minimum(y0 + 1, S - 1)
-            d = delta + i * S * S * 3
+            d = delta + tl.load(starts + i)
             i00 = (y0 * S + x0) * 3
             i01 = (y0 * S + x1) * 3
             i10 = (y1 * S + x0) * 3
@@ -98,7 +99,7 @@ if triton is not None:
 
 
 def composite_delta(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch.Tensor, residual: torch.Tensor,
-                    deltas: torch.Tensor, out: torch.Tensor | None = None, block: int = 512,
+                    deltas, out: torch.Tensor | None = None, block: int = 512,
                     opacity: torch.Tensor | None = None) -> torch.Tensor:
     """The fused pass on CUDA (Triton); the PyTorch composite elsewhere. Same arguments as
     :func:`composite_delta_torch`; ``out`` (H,W,3) uint8 may be given to avoid an allocation."""
@@ -106,7 +107,11 @@ def composite_delta(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch.Tenso
     if triton is None or not kernel_ok:
         return composite_delta_torch(frame_u8, uv, alpha, residual, deltas, opacity)
     H, W, _ = frame_u8.shape
-    N, S = deltas.shape[0], deltas.shape[1]
+    N = len(deltas)
+    dev = frame_u8.device
+    flat = torch.cat([d.to(device=dev, dtype=torch.float32).reshape(-1) for d in deltas])
+    sizes = torch.tensor([int(d.shape[0]) for d in deltas], dtype=torch.int32, device=dev)
+    starts = torch.tensor([0] + [int(d.numel()) for d in deltas][:-1], dtype=torch.int64).cumsum(0).to(dev)
     if out is None:
         out = torch.empty_like(frame_u8)
     o = (torch.ones(N, device=frame_u8.device) if opacity is None
@@ -114,7 +119,7 @@ def composite_delta(frame_u8: torch.Tensor, uv: torch.Tensor, alpha: torch.Tenso
     n = H * W
     _composite_kernel[(triton.cdiv(n, block),)](
         frame_u8.contiguous(), uv.contiguous(), alpha.contiguous(), residual.contiguous(),
-        deltas.to(torch.float32).contiguous(), o, out, n, S, N=N, BLOCK=block, num_warps=4)
+        flat, sizes, starts, o, out, n, N=N, BLOCK=block, num_warps=4)
     return out
 
 

@@ -64,6 +64,36 @@ def size_for_footprints(per_layer: list[torch.Tensor]) -> tuple[int, list[Option
     return max(AUTO_ATLAS_MIN, min(AUTO_ATLAS_MAX, size)), sizes
 
 
+def layer_size(raw: Optional[float]) -> int:
+    """One layer's automatic atlas size from its unrounded size (None: unseen -> the least size),
+    rounded up to a multiple of :data:`AUTO_ATLAS_MULTIPLE` within the bounds."""
+    if raw is None or not math.isfinite(raw):
+        return AUTO_ATLAS_MIN
+    m = AUTO_ATLAS_MULTIPLE
+    return max(AUTO_ATLAS_MIN, min(AUTO_ATLAS_MAX, int(math.ceil(raw / m) * m)))
+
+
+def coverage(seen: torch.Tensor, threshold: float = 0.5, tail: float = 0.01) -> dict:
+    """How much of an atlas a layer uses, from its seen-alpha map (S, S): ``width`` / ``height``
+    the fraction of the atlas's columns / rows spanned by the texels seen above ``threshold``
+    (between the ``tail`` and 1 - ``tail`` quantiles of their positions, so a stray fold does not
+    count), ``area`` the fraction of texels seen."""
+    S = seen.shape[0]
+    on = seen > threshold
+    n = int(on.sum())
+    if n == 0:
+        return {"width": 0.0, "height": 0.0, "area": 0.0}
+
+    def span(counts: torch.Tensor) -> float:
+        c = torch.cumsum(counts.double(), 0) / n
+        lo = int(torch.searchsorted(c, torch.tensor(tail, dtype=torch.float64, device=c.device)))
+        hi = int(torch.searchsorted(c, torch.tensor(1.0 - tail, dtype=torch.float64, device=c.device)))
+        return (min(hi, S - 1) - lo + 1) / S
+
+    return {"width": round(span(on.sum(0)), 4), "height": round(span(on.sum(1)), 4),
+            "area": round(n / (S * S), 4)}
+
+
 @torch.no_grad()
 def render_atlas(texture_fn, size: int, device: torch.device, chunk: int = 1 << 18) -> torch.Tensor:
     """Evaluate a texture network on every texel centre -> (S, S, 3) float32."""

@@ -23,7 +23,7 @@ from ..clip import Clip, write_json, write_png16_rgba
 from ..clip.video import writer_library
 from ..config import Config
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
-from .atlas import pixel_footprints, render_atlas, size_for_footprints, splat_max
+from .atlas import coverage, layer_size, pixel_footprints, render_atlas, size_for_footprints, splat_max
 from .sinks import FrameWriters, VideoSink, png_job, store_job
 from .stmap import MAP_FOLDERS, INSTALL_HINT, MapSequenceWriter, exr_library, maps_to_host, remove_stale_maps
 
@@ -69,10 +69,10 @@ def _atlas_jobs(out: Path, bake_dir: Path, i: int, atlas: torch.Tensor, seen: to
 
 
 @torch.no_grad()
-def auto_atlas_size(model, geom, n_frames: int = 8) -> tuple[int, list]:
-    """Atlas size from the trained mapping: one texel per median visible pixel of the most
-    magnified layer, from ``n_frames`` frames spread over the clip
-    (:func:`~backend.export.atlas.size_for_footprints`); with each layer's own size."""
+def auto_atlas_size(model, geom, n_frames: int = 8) -> tuple[list[int], list]:
+    """Each layer's atlas size from the trained mapping: one texel per median visible pixel of
+    that layer, from ``n_frames`` frames spread over the clip (:func:`~backend.export.atlas.layer_size`
+    of :func:`~backend.export.atlas.size_for_footprints`'s per-layer sizes); with the unrounded sizes."""
     F_ = geom.n_frames
     frames = sorted({round(k * (F_ - 1) / max(1, n_frames - 1)) for k in range(min(n_frames, F_))})
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
@@ -80,7 +80,8 @@ def auto_atlas_size(model, geom, n_frames: int = 8) -> tuple[int, list]:
         ev = evaluate_frame(model, geom, f)
         for i in range(model.n_layers):
             per_layer[i].append(pixel_footprints(ev["uv"][i], ev["alpha"][i]))
-    return size_for_footprints([torch.cat(v) for v in per_layer])
+    _, raw = size_for_footprints([torch.cat(v) for v in per_layer])
+    return [layer_size(v) for v in raw], raw
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
@@ -113,17 +114,19 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     model.eval()
     N, F_, H, W = model.n_layers, geom.n_frames, geom.height, geom.width
     dev = trainer.device
-    S, auto_sizes = cfg.export.atlas_size, None
-    if S == 0:
-        S, auto_sizes = auto_atlas_size(model, geom)
+    # each layer's own atlas size S_i (docs/atlas.md); export.atlas_size > 0 gives every layer that size
+    sizes, auto_sizes = [int(cfg.export.atlas_size)] * N, None
+    if cfg.export.atlas_size == 0:
+        sizes, auto_sizes = auto_atlas_size(model, geom)
+    S = max(sizes)  # report.json / bake meta "atlas_size": the largest, for readers of one size
     names = layer_names(clip)
     (out / "atlas").mkdir(parents=True, exist_ok=True)
     bake_dir = out / "bake"
     bake_dir.mkdir(parents=True, exist_ok=True)
     frames_dir = out / "frames"
 
-    atlases = [render_atlas(lambda uv, i=i: model.texture(i, uv), S, dev) for i in range(N)]
-    seen = [torch.zeros(S, S, device=dev) for _ in range(N)]
+    atlases = [render_atlas(lambda uv, i=i: model.texture(i, uv), sizes[i], dev) for i in range(N)]
+    seen = [torch.zeros(sizes[i], sizes[i], device=dev) for i in range(N)]
     mm = np.lib.format.open_memmap
     bake_maps = bool(cfg.export.bake)  # the per-frame maps the edit path renders from
     map_specs = {"uv": (np.float32, (F_, H, W, 2)), "alpha": (np.float16, (F_, H, W)),
@@ -209,13 +212,15 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
 
     st = trainer.state
     layers = [{"index": i, "name": names[i], "kind": "background" if i == N - 1 else "object",
-               "atlas": atlas_files[i], "uv_scale": model.uv_scales[i]} for i in range(N)]
-    bake_meta = {"frames": F_, "height": H, "width": W, "layers": N, "atlas_size": S, "maps": bake_maps,
+               "atlas": atlas_files[i], "atlas_size": sizes[i], "uv_scale": model.uv_scales[i],
+               "coverage": coverage(seen[i])} for i in range(N)]
+    bake_meta = {"frames": F_, "height": H, "width": W, "layers": N, "atlas_sizes": sizes, "atlas_size": S,
+                 "maps": bake_maps,
                  "atlas_convention": ATLAS_CONVENTION, "uv": "layer_<i>_uv.npy float32 (F,H,W,2)",
                  "alpha": "layer_<i>_alpha.npy float16 (F,H,W)",
                  "residual": "layer_<i>_residual.npy float16 (F,H,W,3)",
-                 "atlas": "atlas_<i>.npy float32 (S,S,3): the texture network at texel centres",
-                 "seen": "atlas_<i>_seen.npy float32 (S,S): max alpha mapped to each texel"}
+                 "atlas": "atlas_<i>.npy float32 (S_i,S_i,3): the texture network at texel centres",
+                 "seen": "atlas_<i>_seen.npy float32 (S_i,S_i): max alpha mapped to each texel"}
     write_json(bake_dir / "meta.json", bake_meta)
     report = {
         "version": __version__,
@@ -234,8 +239,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
         "clip": {"source": clip.source, "frame_range": list(clip.frame_range), "frames": F_,
                  "width": W, "height": H, "source_size": list(clip.source_size), "fps": clip.fps,
                  "fingerprint": clip.fingerprint(), "frame_names": list(clip.frame_names)},
-        "atlas_size": S,
-        # with export.atlas_size = 0: each layer's size for one texel per median visible pixel
+        "atlas_sizes": sizes,  # S_i, one per layer (layers[i]["atlas_size"])
+        "atlas_size": S,  # the largest S_i (one number, for older readers)
+        # with export.atlas_size = 0: each layer's unrounded size for one texel per median visible pixel
         "atlas_size_auto": None if auto_sizes is None else [None if v is None else round(v, 1)
                                                             for v in auto_sizes],
         "atlas_convention": ATLAS_CONVENTION,

@@ -56,6 +56,7 @@ def save_checkpoint(folder: Path, trainer) -> Path:
         "history": st.history,
         "evals": st.evals,
         "n_layers": trainer.n_layers,
+        "uv_scales": [float(v) for v in trainer.model.uv_scales],  # set by pretraining (model.uv_init)
         "geometry": [trainer.geom.width, trainer.geom.height, trainer.geom.n_frames],
         "param_groups": [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items() if k != "params"}
                          | {"params": g["params"]} for g in opt["param_groups"]],
@@ -146,6 +147,8 @@ def load_checkpoint(folder: Path, trainer) -> int:
     st = trainer.state
     st.iteration = int(meta["iteration"])
     st.pretrained = bool(meta["pretrained"])
+    if meta.get("uv_scales") is not None and len(meta["uv_scales"]) == trainer.n_layers:
+        trainer.model.uv_scales = [float(v) for v in meta["uv_scales"]]
     st.seconds = float(meta["seconds"])
     st.pretrain_seconds = float(meta.get("pretrain_seconds", 0.0))
     st.history = list(meta.get("history", []))

@@ -26,6 +26,7 @@ from ..model import LayeredModel
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
 from .data import TrainingData
 from . import schedule as S
+from .uvfit import UVInit, fit_init, seed_init
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,13 +58,15 @@ class _Graph:
 def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global: bool, residuals: bool,
                uv: list, rgb: list, res: list, alpha: torch.Tensor, gt: torch.Tensor, dx_gt: torch.Tensor,
                dy_gt: torch.Tensor, target: Optional[torch.Tensor], ok_fw: torch.Tensor,
-               ok_bw: torch.Tensor, consistency: Optional[list] = None) -> dict[str, torch.Tensor]:
+               ok_bw: torch.Tensor, consistency: Optional[list] = None,
+               alpha_weighted: tuple = ()) -> dict[str, torch.Tensor]:
     """Every weighted loss term of one step, from the networks' outputs.
 
     uv: N x (G, B, 2) mapping outputs per query group (0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw,
     5/6 rigidity, 7/8 global rigidity); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
     groups 0-4; ``target`` the bootstrapping masks (None: that term is off); ``consistency`` the
-    unweighted residual-consistency loss per layer (None: off). A pure function of
+    unweighted residual-consistency loss per layer (None: off); ``alpha_weighted``: layers whose
+    rigidity terms are weighted by their (detached) alpha at the main points. A pure function of
     tensors and constants, so that torch.compile can fuse it (``train.compile_losses``)."""
     N = len(uv)
     d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
@@ -83,13 +86,14 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
             out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
     for i in range(N):
         s = uv_scales[i]
+        w = alpha[0][:, i].detach() if i in alpha_weighted else None
         if lc.optical_flow:
             out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
                 uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
         if lc.rigidity:
-            out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d)
+            out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d, w)
         if use_global and global_weights[i]:
-            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D)
+            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D, w)
         if residuals and lc.residual_reg:
             out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
         if consistency is not None:
@@ -198,21 +202,46 @@ class Trainer:
         return lc.global_rigidity_bg if layer == self.n_layers - 1 else lc.global_rigidity_fg
 
     # ------------------------------------------------------------ pretraining
+    def uv_init(self) -> UVInit:
+        """The pretraining target of every layer (``model.uv_init``, backend/train/uvfit.py)."""
+        m, d, g = self.cfg.model, self.data, self.geom
+        if m.uv_init == "fit":
+            return fit_init(d.targets, d.flow_fw, d.ok_fw, g.width, g.height, m.uv_scale_fg, m.uv_scale_bg)
+        return seed_init(self.n_layers, g.n_frames, m.uv_scale_fg, m.uv_scale_bg, self.device)
+
+    def alpha_weighted_rigidity(self) -> tuple:
+        """Layers whose rigidity terms are alpha-weighted: the fitted objects (docs/deviations.md)."""
+        return tuple(range(self.n_layers - 1)) if self.cfg.model.uv_init == "fit" else ()
+
     def pretrain(self) -> None:
-        """Each mapping towards uv = s_i * xy: pretrain_iterations * F Adam steps per layer."""
+        """Each mapping towards its target uv = s_i * (xy + o_i(f)) (uvfit.py; the seed's s_i * xy):
+        pretrain_iterations * F Adam steps per layer. Sets the model's per-layer scales s_i."""
         t, g = self.cfg.train, self.geom
+        init = self.uv_init()
+        self.model.uv_scales = [float(s) for s in init.scales]
         total = self.n_layers * t.pretrain_iterations * g.n_frames
         done, t0 = 0, time.perf_counter()
         for i in range(self.n_layers):
             params = list(self.model.mappings[i].parameters())
             opt = torch.optim.Adam([{"params": params, "lr": t.mapping_lr}])
-            s = self.model.uv_scales[i]
+            fitted = init.mode == "fit"
+            windowed = fitted and i < self.n_layers - 1  # half the points where the object's target is in (-1, 1)
             for _ in range(t.pretrain_iterations):
                 for f in range(g.n_frames):
                     x = self._randint(0, g.width, (t.pretrain_batch_size,))
                     y = self._randint(0, g.height, (t.pretrain_batch_size,))
                     xyt = g.xyt(x.float(), y.float(), torch.full_like(x, f, dtype=torch.float32))
-                    loss = (xyt[:, :2] * s - self.model.mapping(i, xyt)).norm(dim=1).mean()
+                    if windowed:
+                        n = t.pretrain_batch_size // 2
+                        lo, hi = init.window(i, f)
+                        r = torch.rand(n, 2, device=self.device, generator=self.gen)
+                        xy = g.px(lo + r * (hi - lo))
+                        xy = torch.stack([xy[:, 0].clamp(0, g.width - 1), xy[:, 1].clamp(0, g.height - 1)], -1)
+                        xyt[:n] = g.xyt(xy[:, 0], xy[:, 1], torch.full((n,), float(f), device=self.device))
+                    target = init.target(i, xyt[:, :2], f)
+                    if fitted:  # tanh reaches (-1, 1) only
+                        target = target.clamp(-0.98, 0.98)
+                    loss = (target - self.model.mapping(i, xyt)).norm(dim=1).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -272,7 +301,7 @@ class Trainer:
                        for i in range(N)] if rc_on else None
         return self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
                                   rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
-                                  target, ok_fw, ok_bw, consistency)
+                                  target, ok_fw, ok_bw, consistency, self.alpha_weighted_rigidity())
 
     def _loss_terms(self):
         """:func:`loss_terms`, through torch.compile (one fused graph for the loss algebra, forward and

@@ -475,3 +475,74 @@ def test_project_paint_from_image_lands_in_the_owner_layer_and_shows_in_the_prev
     # (far pixels may see the same texels where the tiny test decomposition's mapping folds)
     assert d[far].mean() * 20 < d[y - 2:y + 3, x - 2:x + 3].mean()
     assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}
+
+
+_RESIZE_LAYER = r"""
+import json, sys
+from pathlib import Path
+import cv2, numpy as np
+from backend.clip import write_png16_rgba
+out, layer, S = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+b = out / "bake"
+rgb = cv2.resize(np.load(b / f"atlas_{layer}.npy"), (S, S), interpolation=cv2.INTER_AREA)
+seen = cv2.resize(np.load(b / f"atlas_{layer}_seen.npy"), (S, S), interpolation=cv2.INTER_AREA)
+np.save(b / f"atlas_{layer}.npy", rgb.astype(np.float32))
+np.save(b / f"atlas_{layer}_seen.npy", seen.astype(np.float32))
+write_png16_rgba(out / "atlas" / f"layer_{layer}.png", np.concatenate([rgb, seen[..., None]], -1).clip(0, 1))
+for meta in [b / "meta.json", out / "report.json"]:
+    m = json.loads(meta.read_text())
+    sizes = m.get("atlas_sizes") or [m["atlas_size"]] * len(m["layers"] if isinstance(m["layers"], list) else range(m["layers"]))
+    sizes[layer] = S
+    m["atlas_sizes"], m["atlas_size"] = sizes, max(sizes)
+    meta.write_text(json.dumps(m))
+for folder in ("maps", "maps_source"):
+    p = out / folder / "meta.json"
+    if p.is_file():
+        m = json.loads(p.read_text())
+        m["layers"][layer]["atlas_size"] = S
+        p.write_text(json.dumps(m))
+"""
+
+
+def test_layers_with_atlases_of_different_sizes(na, shot):
+    """Each layer has its own atlas size (export.atlas_size = 0 sizes every layer from its own
+    magnification): layer 0's atlas rewritten at another size, as such a decomposition writes
+    it. Load Atlases gives each layer an atlas and an edit image of its own size (the earlier
+    paint scaled with it), the preview reads the maps' per-layer sizes and matches Render Edit."""
+    import bpy
+
+    scene, job = shot["scene"], _job(na, shot["scene"])
+    B = na.blender
+    if B.preview.is_on(scene, job):
+        assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}
+    S1 = int(np.load(os.path.join(job.out_dir, "bake", "atlas_1.npy"), mmap_mode="r").shape[0])
+    S0 = S1 - 24
+    subprocess.run([BACKEND_PY, "-c", _RESIZE_LAYER, job.out_dir, "0", str(S0)], check=True, cwd=ROOT,
+                   capture_output=True)
+    assert bpy.ops.neural_atlas.load_atlases(job_id=job.job_id) == {"FINISHED"}
+    for layer, S_ in ((0, S0), (1, S1)):
+        assert tuple(B.images.find_image(job.shot, layer, "atlas").size) == (S_, S_)
+        assert tuple(B.images.find_image(job.shot, layer, "edit").size) == (S_, S_)
+    # a fresh mark on layer 0's edit (now S0 x S0) where that layer is seen best
+    edit0 = B.images.find_image(job.shot, 0, "edit")
+    seen = np.load(os.path.join(job.out_dir, "bake", "atlas_0_seen.npy"))
+    assert seen.shape == (S0, S0)
+    k = 10
+    cs = np.pad(seen, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    win = cs[k:, k:] - cs[:-k, k:] - cs[k:, :-k] + cs[:-k, :-k]
+    r0, c0 = np.unravel_index(np.argmax(win), win.shape)
+    B.images.paint_rect(edit0, int(r0), int(c0), k, k, (1.0, 0.9, 0.0, 1.0))
+    assert bpy.ops.neural_atlas.render_edit(job_id=job.job_id, wait=True, timeout=300) == {"FINISHED"}
+    rjob = _job(na, scene, "render")
+    assert rjob.state == "done" and rjob.placed, (rjob.error, rjob.hint)
+    frames_dir = bpy.path.abspath(B.vse.find_strip(scene, rjob.render_strip).directory)
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="ON") == {"FINISHED"}
+    maps = B.preview._SHOTS[job.shot].maps
+    assert [m.atlas_size for m in maps.layers] == [S0, S1]
+    t0 = B.lifetime.first_frame(job)
+    for f in (5, 7):  # layer 0's edit is on there (its frame range from the earlier tests)
+        got = _render(scene, t0 + f, f"sizes_{f}")
+        ref = read_png(os.path.join(frames_dir, f"{f:05d}.png"))[..., :3]
+        d = np.abs(got - ref) * 255
+        assert d.mean() <= 1.0 and d.max() <= 3.0, (f, d.mean(), d.max())
+    assert bpy.ops.neural_atlas.preview(job_id=job.job_id, action="OFF") == {"FINISHED"}

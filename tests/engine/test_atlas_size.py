@@ -71,35 +71,11 @@ def test_auto_size_of_the_initial_mapping():
     cfg = tiny_config(pretrain_iterations=150)
     tr = Trainer(clip, compute_flow(clip), cfg, torch.device("cpu"))
     tr.pretrain()
-    size, per_layer = auto_atlas_size(tr.model, tr.geom)
+    sizes, per_layer = auto_atlas_size(tr.model, tr.geom)
     # alpha is not trained yet: the object layer is nowhere above 0.5, the background everywhere
     assert per_layer[0] is None
     assert per_layer[1] == pytest.approx(48 / tr.model.uv_scales[1], rel=0.15)  # 0.6 -> 80 texels
-    assert size == AUTO_ATLAS_MIN  # this clip is tiny
-
-
-def test_decompose_with_auto_atlas_size(tmp_path):
-    scene = make_synthetic_clip(width=48, height=32, n_frames=5, seed=2)
-    cfg = tiny_config(iterations=10).replace(export={"atlas_size": 0})
-    out = decompose(scene.write(tmp_path / "clip"), tmp_path / "dec", cfg)
-    rep = json.loads((out / "report.json").read_text())
-    S = rep["atlas_size"]
-    assert AUTO_ATLAS_MIN <= S <= AUTO_ATLAS_MAX and S % 16 == 0
-    assert len(rep["atlas_size_auto"]) == 2 and all(v is None or v > 0 for v in rep["atlas_size_auto"])
-    bake = load_bake(out)
-    assert bake.meta["atlas_size"] == S
-    atlas = np.load(out / "bake" / "atlas_0.npy")
-    assert atlas.shape == (S, S, 3)
-    # the edit path takes atlases of that size: the exported atlas handed back changes nothing,
-    # a painted patch changes frames
-    png = out / "atlas" / "layer_1.png"
-    r = EditRenderer(out, {1: png})
-    assert r.deltas[1].shape[:2] == (S, S)
-    assert all(np.array_equal(r.frame(f), r.frame(f, edited=False)) for f in (0, 4))
-    painted = read_image(png)
-    painted[:, :, :3] = [0.0, 1.0, 0.0]
-    r = EditRenderer(out, {1: write_png16_rgba(tmp_path / "green.png", painted)})
-    assert not np.array_equal(r.frame(2), r.frame(2, edited=False))
+    assert sizes == [AUTO_ATLAS_MIN, AUTO_ATLAS_MIN]  # each layer its own size; this clip is tiny
 
 
 def test_atlas_size_validation_and_presets():
@@ -108,3 +84,51 @@ def test_atlas_size_validation_and_presets():
     for bad in (-1, 8, 20000):
         with pytest.raises(ConfigError, match="export.atlas_size"):
             preset("seed").replace(export={"atlas_size": bad}).validate()
+
+
+def test_decompose_with_per_layer_auto_atlas_sizes(tmp_path, monkeypatch):
+    """Each layer gets its own automatic size S_i; the atlases, bake, maps and report carry it, the
+    edit renderer takes each layer's edit at its own size (another size is resampled), and
+    paint-frame writes each layer's edit image at its own size."""
+    from backend.edit.paint import paint_frame
+    from backend.export import atlas as atlas_mod
+    monkeypatch.setattr(atlas_mod, "AUTO_ATLAS_MIN", 16)  # a tiny clip's own sizes, not the 1000 floor
+    scene = make_synthetic_clip(width=48, height=32, n_frames=5, seed=2)
+    cfg = tiny_config(iterations=10).replace(export={"atlas_size": 0}, model={"uv_init": "fit"})
+    out = decompose(scene.write(tmp_path / "clip"), tmp_path / "dec", cfg)
+    rep = json.loads((out / "report.json").read_text())
+    sizes = rep["atlas_sizes"]
+    assert len(sizes) == 2 and sizes[0] != sizes[1] and rep["atlas_size"] == max(sizes)
+    assert all(v % 16 == 0 and 16 <= v <= AUTO_ATLAS_MAX for v in sizes)
+    assert len(rep["atlas_size_auto"]) == 2 and all(v is None or v > 0 for v in rep["atlas_size_auto"])
+    assert [l["atlas_size"] for l in rep["layers"]] == sizes
+    assert all(0.0 <= l["coverage"]["width"] <= 1.0 for l in rep["layers"])
+    bake = load_bake(out)
+    assert bake.meta["atlas_sizes"] == sizes
+    for i, S in enumerate(sizes):
+        assert bake.atlases[i].shape == (S, S, 3) and bake.seen[i].shape == (S, S)
+        assert read_image(out / "atlas" / f"layer_{i}.png").shape == (S, S, 4)
+    maps = json.loads((out / "maps" / "meta.json").read_text())
+    assert [l["atlas_size"] for l in maps["layers"]] == sizes
+    # an edit per layer at its own size changes frames; layer 0's edit at layer 1's size is resampled
+    edits = {}
+    for i, S in enumerate(sizes):
+        img = np.zeros((S, S, 4), np.float32)
+        img[..., :3], img[..., 3] = [1.0, 0.0, 1.0], 1.0
+        edits[i] = write_png16_rgba(tmp_path / f"edit_{i}.png", img)
+    r = EditRenderer(out, edits)
+    assert [r.deltas[i].shape[:2] for i in (0, 1)] == [(S, S) for S in sizes]
+    assert not np.array_equal(r.frame(2), r.frame(2, edited=False))
+    # the exported atlas handed back changes nothing
+    r = EditRenderer(out, {1: out / "atlas" / "layer_1.png"})
+    assert all(np.array_equal(r.frame(f), r.frame(f, edited=False)) for f in (0, 4))
+    wrong = EditRenderer(out, {0: edits[1]})
+    assert wrong.deltas[0].shape[:2] == (sizes[0], sizes[0])
+    # painting on a frame: each layer's edit image at its own size
+    paint = np.zeros((32, 48, 4), np.float32)
+    paint[..., :3], paint[..., 3] = [0.0, 1.0, 0.0], 1.0
+    res = paint_frame(out, 1, paint, out_edits=tmp_path / "painted")
+    for i, S in enumerate(sizes):
+        if str(i) in res["layers"]:
+            assert res["layers"][str(i)]["atlas_size"] == S
+            assert read_image(tmp_path / "painted" / f"layer_{i}.png").shape == (S, S, 4)
