@@ -121,15 +121,18 @@ def texel_to_uv(col_row: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return np.stack([-1 + (2 * cr[..., 0] + 1) / cols, -1 + (2 * cr[..., 1] + 1) / rows], -1)
 
 
-def paint_disc(atlas_rgba: np.ndarray, center_uv, radius_texels: float, color) -> np.ndarray:
+def paint_disc(atlas_rgba: np.ndarray, center_uv, radius_texels: float, color, *,
+               copy: bool = True) -> np.ndarray:
     """A copy of ``atlas_rgba`` (S_v, S_u, 4) float with a filled disc painted over it.
 
     center_uv: (u, v) in the atlas's [-1, 1] coordinates (see the module docstring).
     radius_texels: the disc's radius in texels (columns).
     color: RGB or RGBA in [0, 1] (A defaults to 1), composited "over" the atlas with an
         anti-aliased edge (coverage ramps over one texel at the radius).
+    copy: False paints into ``atlas_rgba`` itself when it is a float32 array (many discs on
+        one large atlas), and returns it.
     """
-    atlas = np.array(atlas_rgba, dtype=np.float32, copy=True)
+    atlas = np.array(atlas_rgba, dtype=np.float32, copy=copy or None)
     if atlas.ndim != 3 or atlas.shape[2] != 4:
         raise ValueError(f"atlas must be (S, S, 4) RGBA, got {atlas.shape}")
     rgba = np.ones(4, np.float32)
