@@ -169,6 +169,8 @@ def with_iterations(plan: Plan, iterations: int, losses, done: int = 0) -> Plan:
 def budget_iterations(done: int, target: int, step_s: float, seconds_left: float) -> int:
     """Iterations in all (at least ``done``, at most ``target``) when ``seconds_left`` remain for
     training at ``step_s`` a step."""
+    if seconds_left <= 0:
+        return int(done)
     if step_s <= 0:
         return target
     more = math.floor(max(seconds_left, 0.0) / step_s)

@@ -408,6 +408,7 @@ class Trainer:
         every_eval = self.cfg.train.eval_every
         t_last = time.perf_counter()
         it0, sec0 = st.iteration, st.seconds
+        self._loop_start = (it0, t_last)
         while st.iteration < total:
             if self.cancel.cancelled:
                 if checkpoint_dir is not None:
@@ -449,12 +450,17 @@ class Trainer:
         p, timer = self.plan, self._timer
         if not timer.armed and not p.replans:
             timer.arm(it - 1)
-        step_s = timer.tick(it, lambda: (self._sync(), time.perf_counter())[1])
-        if step_s is None:
-            return
         g = self.geom
         export_s = S.estimate_export_s(g.width, g.height, g.n_frames, self.n_layers, self.device.type)
+        step_s = timer.tick(it, lambda: (self._sync(), time.perf_counter())[1])
         left = self.deadline - time.perf_counter() - export_s - S.budget_margin_s(p.budget_s)
+        if step_s is None:
+            if left > 0:
+                return
+            # the budget ran out before the window closed (a slow or loaded machine): stop here
+            step_s = ((time.perf_counter() - self._loop_start[1]) / max(it - self._loop_start[0], 1)
+                      if p.step_ms is None else p.step_ms / 1e3)
+            timer.begin = None
         new = S.budget_iterations(it, p.target_iterations, step_s, left)
         if p.scheduled:
             S.with_iterations(p, new, self.cfg.losses, done=it)
