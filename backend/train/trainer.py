@@ -199,11 +199,17 @@ class Trainer:
 
     # ------------------------------------------------------------ pretraining
     def pretrain(self) -> None:
-        """Each mapping towards uv = s_i * xy: pretrain_iterations * F Adam steps per layer."""
+        """Each mapping towards uv = s_i * xy: pretrain_iterations * F Adam steps per layer. Under a
+        time budget each layer stops after the pass over the frames that ends past its share
+        (``schedule.PRETRAIN_SHARE`` of the budget, split over the layers)."""
         t, g = self.cfg.train, self.geom
         total = self.n_layers * t.pretrain_iterations * g.n_frames
         done, t0 = 0, time.perf_counter()
+        limit = S.PRETRAIN_SHARE * t.budget_s / self.n_layers if t.budget_s > 0 else None
+        passes = []
         for i in range(self.n_layers):
+            t_layer = time.perf_counter()
+            passes.append(0)
             params = list(self.model.mappings[i].parameters())
             opt = torch.optim.Adam([{"params": params, "lr": t.mapping_lr}])
             s = self.model.uv_scales[i]
@@ -217,11 +223,16 @@ class Trainer:
                     loss.backward()
                     opt.step()
                     done += 1
+                passes[-1] += 1
+                if limit is not None and time.perf_counter() - t_layer > limit:
+                    break
                 if self.cancel.cancelled:
                     raise Cancelled(self.cancel.reason or "cancelled")
                 self.progress(Progress("pretrain", fraction=0.05 * done / max(total, 1),
                                        message=f"mapping pretraining, layer {i}",
                                        elapsed_s=time.perf_counter() - t0))
+        if limit is not None:
+            self.plan.pretrain_passes = passes
         self.state.pretrained = True
         self.state.pretrain_seconds += time.perf_counter() - t0
 
