@@ -34,6 +34,10 @@ from ..errors import ConfigError
 #: plan (``fast``: bootstrapping 2,500 and global rigidity 1,250 of 8,000 iterations).
 STOP_SHARE = {"alpha_bootstrapping_stop": 0.3125, "global_rigidity_stop": 0.15625}
 
+#: Largest share of a time budget the mapping pretraining may take (whole passes over the frames;
+#: on a GPU it takes a few seconds and never reaches it).
+PRETRAIN_SHARE = 0.1
+
 #: Rough export time per pixel-frame of a two-layer shot (evaluation, PSNR, PNG frames, baked maps;
 #: more layers cost proportionally more), seconds, and a fixed part per layer for the atlases.
 #: GPU: an H200 machine exported 100 frames of 1080p in 10.1-12.1 s (docs/benchmarks.md); CPU:
@@ -76,6 +80,7 @@ class Plan:
     export_estimate_s: Optional[float] = None
     final: bool = False  # no more re-planning (budget measured twice, or restored from a checkpoint)
     replans: list = field(default_factory=list)  # [iteration, iterations, step_ms, seconds left]
+    pretrain_passes: list = field(default_factory=list)  # per layer, when a budget cut pretraining short
 
     @property
     def samples_per_pixel(self) -> float:
@@ -169,6 +174,8 @@ def with_iterations(plan: Plan, iterations: int, losses, done: int = 0) -> Plan:
 def budget_iterations(done: int, target: int, step_s: float, seconds_left: float) -> int:
     """Iterations in all (at least ``done``, at most ``target``) when ``seconds_left`` remain for
     training at ``step_s`` a step."""
+    if seconds_left <= 0:
+        return int(done)
     if step_s <= 0:
         return target
     more = math.floor(max(seconds_left, 0.0) / step_s)

@@ -215,13 +215,19 @@ class Trainer:
 
     def pretrain(self) -> None:
         """Each mapping towards its target uv = s_i * (xy + o_i(f)) (uvfit.py; the seed's s_i * xy):
-        pretrain_iterations * F Adam steps per layer. Sets the model's per-layer scales s_i."""
+        pretrain_iterations * F Adam steps per layer. Sets the model's per-layer scales s_i. Under a
+        time budget each layer stops after the pass over the frames that ends past its share
+        (``schedule.PRETRAIN_SHARE`` of the budget, split over the layers)."""
         t, g = self.cfg.train, self.geom
         init = self.uv_init()
         self.model.uv_scales = [float(s) for s in init.scales]
         total = self.n_layers * t.pretrain_iterations * g.n_frames
         done, t0 = 0, time.perf_counter()
+        limit = S.PRETRAIN_SHARE * t.budget_s / self.n_layers if t.budget_s > 0 else None
+        passes = []
         for i in range(self.n_layers):
+            t_layer = time.perf_counter()
+            passes.append(0)
             params = list(self.model.mappings[i].parameters())
             opt = torch.optim.Adam([{"params": params, "lr": t.mapping_lr}])
             fitted = init.mode == "fit"
@@ -246,11 +252,16 @@ class Trainer:
                     loss.backward()
                     opt.step()
                     done += 1
+                passes[-1] += 1
+                if limit is not None and time.perf_counter() - t_layer > limit:
+                    break
                 if self.cancel.cancelled:
                     raise Cancelled(self.cancel.reason or "cancelled")
                 self.progress(Progress("pretrain", fraction=0.05 * done / max(total, 1),
                                        message=f"mapping pretraining, layer {i}",
                                        elapsed_s=time.perf_counter() - t0))
+        if limit is not None:
+            self.plan.pretrain_passes = passes
         self.state.pretrained = True
         self.state.pretrain_seconds += time.perf_counter() - t0
 
@@ -437,6 +448,7 @@ class Trainer:
         every_eval = self.cfg.train.eval_every
         t_last = time.perf_counter()
         it0, sec0 = st.iteration, st.seconds
+        self._loop_start = (it0, t_last)
         while st.iteration < total:
             if self.cancel.cancelled:
                 if checkpoint_dir is not None:
@@ -478,12 +490,17 @@ class Trainer:
         p, timer = self.plan, self._timer
         if not timer.armed and not p.replans:
             timer.arm(it - 1)
-        step_s = timer.tick(it, lambda: (self._sync(), time.perf_counter())[1])
-        if step_s is None:
-            return
         g = self.geom
         export_s = S.estimate_export_s(g.width, g.height, g.n_frames, self.n_layers, self.device.type)
+        step_s = timer.tick(it, lambda: (self._sync(), time.perf_counter())[1])
         left = self.deadline - time.perf_counter() - export_s - S.budget_margin_s(p.budget_s)
+        if step_s is None:
+            if left > 0:
+                return
+            # the budget ran out before the window closed (a slow or loaded machine): stop here
+            step_s = ((time.perf_counter() - self._loop_start[1]) / max(it - self._loop_start[0], 1)
+                      if p.step_ms is None else p.step_ms / 1e3)
+            timer.begin = None
         new = S.budget_iterations(it, p.target_iterations, step_s, left)
         if p.scheduled:
             S.with_iterations(p, new, self.cfg.losses, done=it)
