@@ -109,7 +109,8 @@ def test_alpha_weighted_rigidity_and_config():
     assert torch.allclose(L.rigidity_loss(uv, a, b, 32, 0.9, 1.0, torch.ones(64)), plain)
     w = torch.zeros(64)
     w[:10] = 1.0  # only the points where the layer is seen count
-    assert torch.allclose(L.rigidity_loss(uv, a, b, 32, 0.9, 1.0, w), L.rigidity_loss(uv[:10], a[:10], b[:10], 32, 0.9, 1.0))
+    assert torch.allclose(L.rigidity_loss(uv, a, b, 32, 0.9, 1.0, w),
+                          L.rigidity_loss(uv[:10], a[:10], b[:10], 32, 0.9, 1.0))
     assert preset("fast").model.uv_init == "seed"
     with pytest.raises(ConfigError, match="uv_init"):
         preset("seed").replace(model={"uv_init": "magic"}).validate()
