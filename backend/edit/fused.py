@@ -1,8 +1,8 @@
 """One fused GPU pass per frame for edit re-rendering (delta mode), in Triton.
 
 For every pixel: ``out = frame + sum_i o_i * alpha_i * R_i * D_i(uv_i)`` where ``D_i`` is layer i's
-premultiplied edit delta image (S_i x S_i x 3, each layer its own size) and ``o_i`` its opacity at this frame (the edit's
-lifetime; 1 when not given), sampled bilinearly with the atlas convention of
+premultiplied edit delta image (S_i x S_i x 3, each layer its own size) and ``o_i`` its opacity at
+this frame (the edit's lifetime; 1 when not given), sampled bilinearly with the atlas convention of
 ``backend.export.atlas`` (``grid_sample(align_corners=False, padding_mode='border')``), then
 clamped and quantised to 8 bits (``floor(x * 255 + 0.5)``, as the PNG writer does). Inputs are
 read once and the output written once: the pass is bound by memory traffic (about 16 bytes

@@ -84,9 +84,14 @@ def read_meta(folder: Path) -> dict | None:
 _EXECUTION_ONLY = {"model": ("mlp_backend",)}
 
 
+# fields added since checkpoints were first written, with the value an older checkpoint trained with
+_ADDED = {"model": {"uv_init": "seed"}}
+
+
 def _comparable(section, name: str):
     if not isinstance(section, dict):
         return section
+    section = {**_ADDED.get(name, {}), **section}
     return {k: v for k, v in section.items() if k not in _EXECUTION_ONLY.get(name, ())}
 
 

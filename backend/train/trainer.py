@@ -93,7 +93,8 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
         if lc.rigidity:
             out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d, w)
         if use_global and global_weights[i]:
-            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8], rez, s, D, w)
+            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8],
+                                                                              rez, s, D, w)
         if residuals and lc.residual_reg:
             out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
         if consistency is not None:

@@ -491,7 +491,8 @@ np.save(b / f"atlas_{layer}_seen.npy", seen.astype(np.float32))
 write_png16_rgba(out / "atlas" / f"layer_{layer}.png", np.concatenate([rgb, seen[..., None]], -1).clip(0, 1))
 for meta in [b / "meta.json", out / "report.json"]:
     m = json.loads(meta.read_text())
-    sizes = m.get("atlas_sizes") or [m["atlas_size"]] * len(m["layers"] if isinstance(m["layers"], list) else range(m["layers"]))
+    n = m["layers"] if isinstance(m["layers"], int) else len(m["layers"])
+    sizes = m.get("atlas_sizes") or [m["atlas_size"]] * n
     sizes[layer] = S
     m["atlas_sizes"], m["atlas_size"] = sizes, max(sizes)
     meta.write_text(json.dumps(m))

@@ -91,6 +91,15 @@ def test_fit_pretraining_fills_the_atlas_and_resumes(tmp_path, one_thread):
     assert again.model.uv_scales == [0.9, 0.6]
     load_checkpoint(tmp_path / "ck", again)
     assert again.model.uv_scales == tr.model.uv_scales
+    # a checkpoint written before model.uv_init existed (trained as "seed") still resumes
+    import json
+    meta = json.loads((tmp_path / "ck" / "latest.json").read_text())
+    del meta["config"]["model"]["uv_init"], meta["uv_scales"]
+    (tmp_path / "ck" / "latest.json").write_text(json.dumps(meta))
+    old = Trainer(clip, None, tiny_config(pretrain_iterations=40, pretrain_batch_size=512, mapping_lr=3e-3),
+                  torch.device("cpu"))
+    load_checkpoint(tmp_path / "ck", old)
+    assert old.model.uv_scales == [0.9, 0.6]
 
 
 def test_alpha_weighted_rigidity_and_config():
@@ -100,7 +109,8 @@ def test_alpha_weighted_rigidity_and_config():
     assert torch.allclose(L.rigidity_loss(uv, a, b, 32, 0.9, 1.0, torch.ones(64)), plain)
     w = torch.zeros(64)
     w[:10] = 1.0  # only the points where the layer is seen count
-    assert torch.allclose(L.rigidity_loss(uv, a, b, 32, 0.9, 1.0, w), L.rigidity_loss(uv[:10], a[:10], b[:10], 32, 0.9, 1.0))
+    assert torch.allclose(L.rigidity_loss(uv, a, b, 32, 0.9, 1.0, w),
+                          L.rigidity_loss(uv[:10], a[:10], b[:10], 32, 0.9, 1.0))
     assert preset("fast").model.uv_init == "seed"
     with pytest.raises(ConfigError, match="uv_init"):
         preset("seed").replace(model={"uv_init": "magic"}).validate()
