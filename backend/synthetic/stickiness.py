@@ -310,8 +310,8 @@ def measure_layer(result_dir: str | Path, layer: int, flow: np.ndarray, *, flow_
         a = np.asarray(alpha[f], np.float32)
         xy, status = locate_dots(dot_weights(original, edited, colour), ids, n, a, reach_px=reach_px,
                                  min_alpha=min_alpha, min_weight=0.3 * np.pi * radius_px ** 2)
-        # a dot whose footprint no pixel maps to is out of view: not counted as "not found"
-        in_view = np.bincount(ids[ids >= 0], minlength=n) > 0
+        # a dot that no pixel of the layer (alpha > 0.05) maps to is out of view: not counted
+        in_view = np.bincount(ids[(ids >= 0) & (a > 0.05)], minlength=n) > 0
         counts += np.bincount(status[in_view], minlength=len(STATUS_NAMES))
         tracks[f] = xy
     out = flow_errors(tracks, flow, (h, w), chain=chain, flow_offset=flow_offset)
