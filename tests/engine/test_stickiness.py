@@ -174,12 +174,13 @@ def test_a_short_cpu_decomposition_measures_a_finite_small_error(scene_and_flow,
     from backend.config import preset
     from backend.pipeline import decompose
     scene, clip, flow = scene_and_flow
-    cfg = preset("demo").replace(train={"device": "cpu", "iterations": 40, "pretrain_iterations": 5,
+    cfg = preset("demo").replace(train={"device": "cpu", "iterations": 60, "pretrain_iterations": 5,
                                         "checkpoint_every": 1000},
                                  clip={"long_edge": 64})
     out = decompose(clip, tmp_path / "dec", cfg)
     m = measure_layer(out, scene.background, flow, spacing_px=8.0, radius_px=1.5, chain=5, min_alpha=0.5)
-    print({k: m[k] for k in ("epe_mean_px", "epe_median_px", "chain_epe_mean_px", "dots_tracked", "pairs",
-                             "dot_frames")})
     assert m["dots_tracked"] >= 5 and m["pairs"] > 0, m
-    assert np.isfinite(m["epe_mean_px"]) and m["epe_mean_px"] < 1.5, m
+    # small: well below the motion itself (an edit frozen on screen would measure about that)
+    motion = float(np.linalg.norm(flow, axis=-1).mean())
+    assert motion > 2.0
+    assert np.isfinite(m["epe_mean_px"]) and m["epe_mean_px"] < 0.5 * motion, (m, motion)
