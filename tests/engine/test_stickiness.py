@@ -1,8 +1,7 @@
 """Edit stickiness against a flow (backend/synthetic/stickiness.py, scripts/bench/edit_stickiness.py):
-the dot finder and the error computation on dots moved by a known motion, and the whole
-measurement through a short CPU decomposition of the synthetic clip against its true flow."""
-
-from pathlib import Path
+the dot finder and the error computation on dots moved by a known motion; the whole measurement
+through the engine's edit path on a bake made of the synthetic clip's ground truth (~0 error) and
+on a short CPU decomposition of it (finite, well below the motion), against its true flow."""
 
 import numpy as np
 import pytest
@@ -123,7 +122,6 @@ def ground_truth_decomposition(scene, clip, root):
     """A decomposition folder whose baked maps are the synthetic clip's ground truth: each
     layer's texture as its atlas, the true texture coordinates as uv, the true masks as alpha."""
     from backend.clip import load_clip, write_json
-    from backend.synthetic.yardsticks import texel_to_uv
     bake = root / "bake"
     bake.mkdir(parents=True)
     fg = scene.clip.masks[..., 0]
