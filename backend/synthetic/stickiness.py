@@ -288,10 +288,15 @@ def measure_layer(result_dir: str | Path, layer: int, flow: np.ndarray, *, flow_
     uv, alpha = bake.uv(layer), bake.alpha(layer)
     sub = slice(None, None, max(1, n_frames // 8))
     tpp = texels_per_pixel(uv[sub], alpha[sub], size, min_alpha)
-    if not np.isfinite(tpp):
-        raise ValueError(f"layer {layer} is never seen with alpha >= {min_alpha}: nothing to measure")
+    info = {"layer": layer, "name": bake.report["layers"][layer]["name"], "frames": n_frames,
+            "working_size": [w, h], "flow_size": [int(flow.shape[2]), int(flow.shape[1])],
+            "atlas_size": [int(size[1]), int(size[0])], "texels_per_px": tpp, "radius_px": radius_px,
+            "spacing_px": spacing_px}
+    if not np.isfinite(tpp):  # e.g. a barely trained decomposition: nothing to measure
+        out = flow_errors(np.full((n_frames, 0, 2), np.nan), flow, (h, w), chain=chain, flow_offset=flow_offset)
+        return {**out, **info, "dots": 0, "dots_tracked": 0, "note": f"never seen with alpha >= {min_alpha}"}
     radius_texels = max(1.0, radius_px * tpp)
-    centres = dot_grid(bake.seen[layer], spacing_px * tpp, radius_texels)
+    centres = dot_grid(bake.seen[layer], spacing_px * tpp, radius_texels, min_seen=min_alpha)
     edit = paint_dots(size, centres, radius_texels, colour)
     ids_atlas = dot_id_atlas(size, centres, radius_texels)
     r = EditRenderer(result_dir, {layer: edit}, device=device)
@@ -305,16 +310,12 @@ def measure_layer(result_dir: str | Path, layer: int, flow: np.ndarray, *, flow_
         a = np.asarray(alpha[f], np.float32)
         xy, status = locate_dots(dot_weights(original, edited, colour), ids, n, a, reach_px=reach_px,
                                  min_alpha=min_alpha, min_weight=0.3 * np.pi * radius_px ** 2)
-        # a dot whose footprint no pixel maps to is out of view: not counted as "not found"
-        in_view = np.bincount(ids[ids >= 0], minlength=n) > 0
+        # a dot that no pixel of the layer (alpha > 0.05) maps to is out of view: not counted
+        in_view = np.bincount(ids[(ids >= 0) & (a > 0.05)], minlength=n) > 0
         counts += np.bincount(status[in_view], minlength=len(STATUS_NAMES))
         tracks[f] = xy
     out = flow_errors(tracks, flow, (h, w), chain=chain, flow_offset=flow_offset)
     found_any = ~np.all(np.isnan(tracks[..., 0]), axis=0)
-    out.update({"layer": layer, "name": bake.report["layers"][layer]["name"], "frames": n_frames,
-                "working_size": [w, h], "flow_size": [int(flow.shape[2]), int(flow.shape[1])],
-                "atlas_size": [int(size[1]), int(size[0])], "texels_per_px": tpp,
-                "radius_texels": radius_texels, "radius_px": radius_px, "spacing_px": spacing_px,
-                "dots": n, "dots_tracked": int(found_any.sum()),
+    out.update({**info, "radius_texels": radius_texels, "dots": n, "dots_tracked": int(found_any.sum()),
                 "dot_frames": {name: int(c) for name, c in zip(STATUS_NAMES, counts)}})
     return out

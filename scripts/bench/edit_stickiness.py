@@ -46,10 +46,9 @@ def parse_presets(text: str) -> list[tuple[str, str, int | None]]:
     out, seen = [], set()
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, n = item.partition(":")
-        label = name if name not in seen else f"{name}-{len(out)}"
-        if n:
-            label = f"{name}:{n}" if label == name else label
-        seen.add(name)
+        label = f"{name}:{n}" if n else name
+        label = label if label not in seen else f"{label}-{len(out)}"
+        seen.add(label)
         out.append((label, name, int(n) if n else None))
     return out
 
@@ -64,6 +63,8 @@ def decompose(clip: Path, out: Path, preset: str, iterations: int | None, args) 
         cmd += ["--device", args.device]
     if args.long_edge:
         cmd += ["--long-edge", str(args.long_edge)]
+    if args.frames:
+        cmd += ["--frames", args.frames]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--device", help="decompose on this device (auto | cpu | cuda)")
     ap.add_argument("--long-edge", type=int, help="working size override for every decomposition")
     ap.add_argument("--iterations", type=int, help="iterations of every preset given without :N")
+    ap.add_argument("--frames", metavar="A:B", help="decompose only this frame range of the clip (quick checks)")
     ap.add_argument("--out", type=Path, help="folder for the decompositions (with --clip)")
     ap.add_argument("--flow", type=Path, help="reference flow npz (default CLIP/reference_flow_forward_raft.npz)")
     ap.add_argument("--layers", help="comma-separated layer indices (default: all)")
