@@ -116,7 +116,14 @@ def main() -> int:
             tr = None
             torch.cuda.empty_cache()
             continue
+        try:
+            from backend.model import fused_mlp as fm
+            fell, opts = dict(fm.FALLBACK), dict(fm.OPTIONS.__dict__)
+            fm.reset_fallback()
+        except ImportError:
+            fell, opts = {}, {}
         rows.append({"variant": spec, "graph_step_ms": round(ms, 3), "batch": cfg.train.batch_size,
+                     "fallback": fell, "fused_options": opts,
                      "mlp_backend": tr.model.mlp_backend, "warmup_2_steps_s": round(warm_s, 2),
                      "eager_gpu_ms": {k: round(v, 3) for k, v in sorted(fams.items())},
                      "eager_gpu_total_ms": round(sum(fams.values()), 3),

@@ -33,6 +33,15 @@ if not CUDA and not fm.interpreting():
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _no_silent_fallback():
+    """A kernel that fails falls back to the reference (which would pass every comparison): each
+    test must leave no fallback behind unless it resets it itself."""
+    fm.reset_fallback()
+    yield
+    assert not fm.FALLBACK, f"a kernel fell back to the reference: {fm.FALLBACK}"
+
+
 def _seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
@@ -104,6 +113,48 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_fused_matches_reference(case):
     _check(*case)
+
+
+@pytest.mark.parametrize("opts", [dict(bwd_hoist=True), dict(bwd_hoist=True, bwd_block=16, bwd_stages=1)],
+                         ids=["hoist", "hoist-b16"])
+def test_launch_shapes_match_reference(opts):
+    """The backward's other launch shapes (weights hoisted out of the persistent loop, smaller
+    blocks) compute the same gradients."""
+    old = fm.set_options(**opts)
+    try:
+        _check(32, 64, 3, 4, 300)
+        _check(16, 32, 2, 3, 70)
+        _check(32, 64, 1, 4, 129, need_dx=False)
+    finally:
+        fm.set_options(**old.__dict__)
+
+
+@pytest.mark.parametrize("opts", [dict(fwd_block=48), dict(bwd_block=48)], ids=["forward", "backward"])
+def test_launch_failure_falls_back_to_reference(opts, capsys):
+    """A kernel that cannot launch (here: a block size Triton refuses, as a shape without the
+    shared memory it needs is refused on a GPU) is reported once; the call that failed and every
+    later one are answered by the reference, with the same values and gradients."""
+    old = fm.set_options(**opts)
+    fm.reset_fallback()
+    try:
+        torch.manual_seed(_seed() % 2 ** 31)
+        net = MLP(32, 3, 64, 4, "tanh01").to(DEVICE)
+        x = torch.randn(100, 32, device=DEVICE, requires_grad=True)
+        out = {}
+        for backend in ("triton", "triton", "torch"):
+            net.backend = backend
+            y = net(x)
+            out[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, *net.parameters()]))
+        assert "fused" in fm.FALLBACK
+        assert net.path(x) == "torch"
+        net.backend = "triton"
+        assert net.path(x) == "torch"
+        for a, b in zip(out["triton"], out["torch"]):
+            assert _rel(a.detach(), b.detach()) < 1e-5
+        assert capsys.readouterr().err.count("failed at launch") == 1
+    finally:
+        fm.set_options(**old.__dict__)
+        fm.reset_fallback()
 
 
 def test_no_input_gradient_and_empty_batch():
