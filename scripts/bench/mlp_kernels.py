@@ -75,9 +75,7 @@ SWEEP = (dict(),  # the defaults: block 16, 4 warps, one stage
          dict(bwd_block=32, bwd_warps=8, bwd_stages=1),
          dict(bwd_block=64, bwd_warps=8, bwd_stages=1),
          dict(bwd_hoist=True),
-         dict(bwd_block=32, bwd_stages=1, bwd_hoist=True),
-         dict(bwd_programs_per_sm=2), dict(bwd_programs_per_sm=8), dict(bwd_programs_per_sm=16),
-         dict(fwd_block=64), dict(fwd_block=256, fwd_warps=8))
+         dict(bwd_programs_per_sm=2), dict(bwd_programs_per_sm=8))
 
 
 def run_sweep(args, dev) -> list[dict]:
