@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--check", action="store_true", help="exit 1 if a default shape does not fit")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -98,7 +99,7 @@ def main() -> int:
         shapes += [(json.dumps(kw), replace(fm.KernelOptions(), **kw)) for kw in SWEEP[1:]]
     rows, bad = [], []
     for label, opts in shapes:
-        for name, net in NETWORKS.items():
+        for name, net in ((k, NETWORKS[k]) for k in args.networks):
             for direction in (("fwd", "bwd") if label == "default" else ("bwd",)):
                 r = {"options": label, "network": name, "triton": triton.__version__, "arch": args.arch,
                      **facts(direction, net, opts, args.arch)}
