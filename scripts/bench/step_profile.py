@@ -27,7 +27,7 @@ from backend.export.outputs import device_name  # noqa: E402
 from backend.train import Trainer  # noqa: E402
 from time_to_psnr import add_clip_arguments, flow_for, load, variant_config  # noqa: E402
 
-FAMILIES = (("fused_mlp", ("_mlp_fwd_kernel", "_mlp_bwd_kernel")),
+FAMILIES = (("fused_mlp", ("_mlp_fwd_kernel", "_mlp_bwd_kernel", "_relu_bwd_kernel")),
             ("inductor", ("triton_poi", "triton_red", "triton_per")),
             ("gemm", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "sgemm", "xmma")),
             ("hashgrid", ("_hash", "_fwd", "_bwd", "grid")),
