@@ -238,8 +238,28 @@ def test_chain_cuda_sizes(B):
 
 @pytest.mark.skipif(not CUDA, reason="TF32 products: needs CUDA")
 def test_fused_cuda_tf32():
-    # TF32 rounds operands to 10 mantissa bits (rel. 2^-11 each); through 4 layers ~1e-3
-    _check(32, 64, 3, 4, 100_000, tol=5e-3, tf32=True)
+    """TF32 rounds operands to 10 mantissa bits (rel. 2^-11 each): values move by ~1e-3 through 4
+    layers, and a ReLU whose input is within that of 0 can switch, which moves a gradient term by
+    its whole size. Two TF32 paths that round differently (the fused kernels recompute the
+    activations; torch keeps cuBLAS's) therefore differ by far more than 1e-3 in the gradients
+    (4-7e-2 measured on the H200 at 120-200k points). The yardstick is a float64 evaluation: the
+    fused TF32 path may be no further from it than twice the PyTorch TF32 path."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    ws, bs = _net(32, 64, 3, 4, gen)
+    B = 100_000
+    x = (torch.randn(B, 32, generator=gen) * 0.7).to(DEVICE).requires_grad_()
+    gy = torch.randn(B, 3, generator=gen).to(DEVICE)
+    y, ref, got, want = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, True, True)
+    xd = x.detach().double().requires_grad_()
+    wd = [w.detach().double().requires_grad_() for w in ws]
+    bd = [b.detach().double().requires_grad_() for b in bs]
+    yd = _reference(xd, wd, bd)
+    truth = torch.autograd.grad(yd, [xd] + wd + bd, gy.double())
+    assert _rel(y.double(), yd) < 5e-3, f"forward (seed {seed})"
+    for i, (g, w, t) in enumerate(zip(got, want, truth)):
+        e_fused, e_torch = _rel(g.double(), t), _rel(w.double(), t)
+        assert e_fused < 2 * e_torch + 1e-3, f"tensor {i}: fused {e_fused:.2e}, torch TF32 {e_torch:.2e} (seed {seed})"
 
 
 @pytest.mark.skipif(not CUDA, reason="torch.compile of the MLPs: needs CUDA")
