@@ -36,6 +36,7 @@ Importing this module without a usable triton raises ImportError.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,7 +48,8 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"triton is not usable here: {exc}") from exc
 
-__all__ = ["fused_mlp", "chain_mlp", "supports", "MAX_WIDTH", "interpreting", "KernelOptions", "set_options"]
+__all__ = ["fused_mlp", "chain_mlp", "supports", "MAX_WIDTH", "interpreting", "KernelOptions", "set_options",
+           "FALLBACK"]
 
 MAX_WIDTH = 64  # registers: a block's activations and the program's weight gradients
 MAX_MID = 2
@@ -104,12 +106,24 @@ def _mlp_bwd_kernel(X, W0, B0, WM, BMID, WO, BO, GY, GX, n, sx, n_blocks,
                     PW0, PB0, PWM, PBM, PWO, PBO,
                     K0: tl.constexpr, K0P: tl.constexpr, WID: tl.constexpr, NO: tl.constexpr,
                     NOP: tl.constexpr, NMID: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
-                    NEED_DX: tl.constexpr):
+                    NEED_DX: tl.constexpr, HOIST: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     ck = tl.arange(0, K0P)
     cw = tl.arange(0, WID)
     co = tl.arange(0, NOP)
+    if HOIST:
+        # the weights once per program (registers / shared memory), not once per block of points:
+        # nothing of them is re-loaded or multi-buffered by the loop's software pipelining
+        w0 = _weight(W0, cw, ck, WID, K0)
+        b0 = tl.load(B0 + cw)
+        if NMID >= 1:
+            wm0 = _weight(WM, cw, cw, WID, WID)
+            bm0 = tl.load(BMID + cw)
+        if NMID >= 2:
+            wm1 = _weight(WM + WID * WID, cw, cw, WID, WID)
+            bm1 = tl.load(BMID + WID + cw)
+        wo = _weight(WO, co, cw, NO, WID)
     acc_w0 = tl.zeros((WID, K0P), tl.float32)
     acc_b0 = tl.zeros((WID,), tl.float32)
     acc_w1 = tl.zeros((WID, WID), tl.float32)
@@ -124,34 +138,55 @@ def _mlp_bwd_kernel(X, W0, B0, WM, BMID, WO, BO, GY, GX, n, sx, n_blocks,
         r64 = rows[:, None].to(tl.int64)
         x = tl.load(X + r64 * sx + ck[None, :], mask=rmask[:, None] & (ck[None, :] < K0), other=0.0)
         # forward, recomputed in registers
-        h0 = tl.maximum(_linear(x, W0, B0, ck, cw, K0, WID, PREC), 0.0)
+        if HOIST:
+            h0 = tl.maximum(tl.dot(x, tl.trans(w0), input_precision=PREC) + b0[None, :], 0.0)
+        else:
+            h0 = tl.maximum(_linear(x, W0, B0, ck, cw, K0, WID, PREC), 0.0)
         hl = h0
         if NMID >= 1:
-            h1 = tl.maximum(_linear(h0, WM, BMID, cw, cw, WID, WID, PREC), 0.0)
+            if HOIST:
+                h1 = tl.maximum(tl.dot(h0, tl.trans(wm0), input_precision=PREC) + bm0[None, :], 0.0)
+            else:
+                h1 = tl.maximum(_linear(h0, WM, BMID, cw, cw, WID, WID, PREC), 0.0)
             hl = h1
         if NMID >= 2:
-            h2 = tl.maximum(_linear(h1, WM + WID * WID, BMID + WID, cw, cw, WID, WID, PREC), 0.0)
+            if HOIST:
+                h2 = tl.maximum(tl.dot(h1, tl.trans(wm1), input_precision=PREC) + bm1[None, :], 0.0)
+            else:
+                h2 = tl.maximum(_linear(h1, WM + WID * WID, BMID + WID, cw, cw, WID, WID, PREC), 0.0)
             hl = h2
         # backward
         g = tl.load(GY + r64 * NO + co[None, :], mask=rmask[:, None] & (co[None, :] < NO), other=0.0)
         acc_wo = tl.dot(tl.trans(g), hl, acc_wo, input_precision=PREC)
         acc_bo += tl.sum(g, axis=0)
-        d = tl.dot(g, _weight(WO, co, cw, NO, WID), input_precision=PREC)
+        if HOIST:
+            d = tl.dot(g, wo, input_precision=PREC)
+        else:
+            d = tl.dot(g, _weight(WO, co, cw, NO, WID), input_precision=PREC)
         d = tl.where(hl > 0.0, d, 0.0)
         if NMID >= 2:
             acc_w2 = tl.dot(tl.trans(d), h1, acc_w2, input_precision=PREC)
             acc_b2 += tl.sum(d, axis=0)
-            d = tl.dot(d, _weight(WM + WID * WID, cw, cw, WID, WID), input_precision=PREC)
+            if HOIST:
+                d = tl.dot(d, wm1, input_precision=PREC)
+            else:
+                d = tl.dot(d, _weight(WM + WID * WID, cw, cw, WID, WID), input_precision=PREC)
             d = tl.where(h1 > 0.0, d, 0.0)
         if NMID >= 1:
             acc_w1 = tl.dot(tl.trans(d), h0, acc_w1, input_precision=PREC)
             acc_b1 += tl.sum(d, axis=0)
-            d = tl.dot(d, _weight(WM, cw, cw, WID, WID), input_precision=PREC)
+            if HOIST:
+                d = tl.dot(d, wm0, input_precision=PREC)
+            else:
+                d = tl.dot(d, _weight(WM, cw, cw, WID, WID), input_precision=PREC)
             d = tl.where(h0 > 0.0, d, 0.0)
         acc_w0 = tl.dot(tl.trans(d), x, acc_w0, input_precision=PREC)
         acc_b0 += tl.sum(d, axis=0)
         if NEED_DX:
-            dx = tl.dot(d, _weight(W0, cw, ck, WID, K0), input_precision=PREC)
+            if HOIST:
+                dx = tl.dot(d, w0, input_precision=PREC)
+            else:
+                dx = tl.dot(d, _weight(W0, cw, ck, WID, K0), input_precision=PREC)
             tl.store(GX + r64 * K0 + ck[None, :], dx, mask=rmask[:, None] & (ck[None, :] < K0))
     # this program's partial gradients
     p64 = pid.to(tl.int64)
@@ -170,22 +205,82 @@ def _mlp_bwd_kernel(X, W0, B0, WM, BMID, WO, BO, GY, GX, n, sx, n_blocks,
 # ------------------------------------------------------------------------------ launch
 @dataclass(frozen=True)
 class KernelOptions:
-    """Launch shapes (scripts/bench/mlp_kernels.py --sweep measures alternatives)."""
+    """Launch shapes (scripts/bench/mlp_kernels.py --sweep measures alternatives).
+
+    Shared memory of the backward for the 32 -> 64 x 4 -> 3 network, compiled for sm_90 with
+    Triton 3.6 (scripts/bench/kernel_facts.py; Hopper allows 227 KB = 232,448 B per block): block
+    64, default 3-stage pipelining 323,584 B (what failed on the H200); block 32 default stages
+    208,896; block 32 one stage 36,864; block 16 one stage 30,720; weights hoisted 104-152 KB.
+    The 3-stage loop multi-buffers the per-block loads of the weight tiles (~90 KB a stage)."""
 
     fwd_block: int = 128
     fwd_warps: int = 4
     fwd_stages: int = 0  # 0: Triton's default
-    bwd_block: int = 32  # H200 (fused-1): 64 with the default pipelining needs 320 KB of shared memory
+    bwd_block: int = 16  # 255 registers and no spills at 16 (32: 1 KB of spills per thread)
     bwd_warps: int = 4
     bwd_programs_per_sm: int = 4  # large: one block per program (no persistent loop)
-    bwd_stages: int = 0
+    bwd_stages: int = 1  # no software pipelining: 30 KB of shared memory instead of 200-320 KB
+    bwd_hoist: bool = False  # weights loaded once per program instead of once per block
+
+
+def _env_options() -> KernelOptions:
+    """``NEURAL_ATLAS_FUSED_OPTIONS='{"bwd_block": 32, ...}'`` (benchmarks: a sweep's winner)."""
+    raw = os.environ.get("NEURAL_ATLAS_FUSED_OPTIONS", "").strip()
+    if not raw:
+        return KernelOptions()
+    import json
+    return replace(KernelOptions(), **json.loads(raw))
 
 
 # the last launch's compiled-kernel facts per direction (registers, spills, shared memory)
 LAST_LAUNCH: dict[str, dict] = {}
 
 
-OPTIONS = KernelOptions()
+OPTIONS = _env_options()
+
+# Kernels that failed at their first launch in this process ("fused", "chain") -> the reason.
+# Such a failure (no shared memory for the shape, a Triton/driver that cannot compile it) is
+# logged once and that kind of network runs the PyTorch reference from then on (MLP.path);
+# the call that failed is answered by the reference too, so a training run never stops on it.
+FALLBACK: dict[str, str] = {}
+_LAUNCHED: set = set()  # launch keys that have run once (a later error there is a real error)
+
+
+def _fall_back(kind: str, key, exc: BaseException) -> None:
+    if key in _LAUNCHED and not isinstance(exc, OutOfResources):
+        raise exc
+    if kind not in FALLBACK:
+        FALLBACK[kind] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"[mlp] the Triton '{kind}' MLP kernels failed at launch ({FALLBACK[kind][:160]}); "
+              "those networks use the PyTorch reference from now on", file=sys.stderr, flush=True)
+
+
+def reset_fallback() -> None:
+    """Forget earlier launch failures (tests, benchmarks that change launch shapes)."""
+    FALLBACK.clear()
+    _LAUNCHED.clear()
+
+
+def _reference_linear(x, ws, bs):
+    h = x
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        h = torch.nn.functional.linear(h, w, b)
+        if i < len(ws) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def _reference_grads(x, ws, bs, gy, need_dx: bool):
+    """Gradients of the reference network at (x, ws, bs) for dL/dy = gy (the fallback's backward)."""
+    with torch.enable_grad():
+        xs = x.detach().requires_grad_(need_dx)
+        wd = [w.detach().requires_grad_() for w in ws]
+        bd = [b.detach().requires_grad_() for b in bs]
+        y = _reference_linear(xs, wd, bd)
+        got = torch.autograd.grad(y, ([xs] if need_dx else []) + wd + bd, gy)
+    if need_dx:
+        return got[0], list(got[1:])
+    return None, list(got)
 
 
 def set_options(**kw) -> KernelOptions:
@@ -230,8 +325,13 @@ def _forward(x, w0, b0, wm, bm, wo, bo):
     st = {"num_stages": o.fwd_stages} if o.fwd_stages else {}
     k = _mlp_fwd_kernel[grid](x, w0, b0, wm_, bm_, wo, bo, y, n, x.stride(0), BLOCK=o.fwd_block,
                               num_warps=o.fwd_warps, **st, **meta)
+    _LAUNCHED.add(_key("fwd", meta, o))
     _record("fwd", k)
     return y
+
+
+def _key(direction: str, meta: dict, o: KernelOptions, *extra):
+    return (direction, tuple(sorted(meta.items())), o, *extra)
 
 
 def _record(direction: str, k) -> None:
@@ -262,31 +362,52 @@ def _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx: bool):
         st = {"num_stages": o.bwd_stages} if o.bwd_stages else {}
         try:
             k = _mlp_bwd_kernel[(P,)](x, w0, b0, wm_, bm_, wo, bo, gy, gx, n, x.stride(0), n_blocks,
-                                      pw0, pb0, pwm, pbm, pwo, pbo, BLOCK=o.bwd_block, NEED_DX=need_dx,
+                                      pw0, pb0, pwm, pbm, pwo, pbo, BLOCK=o.bwd_block, NEED_DX=need_dx, HOIST=o.bwd_hoist,
                                       num_warps=o.bwd_warps, **st, **meta)
         except OutOfResources:
             if o.bwd_block <= 16 and o.bwd_stages == 1:
                 raise
             set_options(bwd_block=max(16, o.bwd_block // 2), bwd_stages=1)  # and keep it
             return _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx)
+        _LAUNCHED.add(_key("bwd", meta, o, need_dx))
         _record("bwd", k)
     grads = [pw0.sum(0), pb0.sum(0), pwm.sum(0)[:n_mid] if n_mid else None,
              pbm.sum(0)[:n_mid] if n_mid else None, pwo.sum(0), pbo.sum(0)]
     return (gx if need_dx else None), grads
 
 
+def _split(w0, b0, wm, bm, wo, bo):
+    n_mid = 0 if wm is None else wm.shape[0]
+    return ([w0, *[wm[i] for i in range(n_mid)], wo], [b0, *[bm[i] for i in range(n_mid)], bo])
+
+
 class _FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, b0, wm, bm, wo, bo):  # type: ignore[override]
         ctx.save_for_backward(x, w0, b0, wm, bm, wo, bo)
-        return _forward(x, w0, b0, wm, bm, wo, bo)
+        try:
+            return _forward(x, w0, b0, wm, bm, wo, bo)
+        except Exception as exc:
+            _fall_back("fused", _key("fwd", _meta(x, w0, wm, wo), OPTIONS), exc)
+            return _reference_linear(x, *_split(w0, b0, wm, bm, wo, bo))
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         x, w0, b0, wm, bm, wo, bo = ctx.saved_tensors
-        gx, (gw0, gb0, gwm, gbm, gwo, gbo) = _backward(x, w0, b0, wm, bm, wo, bo,
-                                                       gy.to(torch.float32).contiguous(),
-                                                       ctx.needs_input_grad[0])
+        gy = gy.to(torch.float32).contiguous()
+        need_dx = ctx.needs_input_grad[0]
+        try:
+            gx, (gw0, gb0, gwm, gbm, gwo, gbo) = _backward(x, w0, b0, wm, bm, wo, bo, gy, need_dx)
+        except Exception as exc:
+            _fall_back("fused", _key("bwd", _meta(x, w0, wm, wo), OPTIONS, need_dx), exc)
+            ws, bs = _split(w0, b0, wm, bm, wo, bo)
+            gx, g = _reference_grads(x, ws, bs, gy, need_dx)
+            L = len(ws)
+            gw, gb = g[:L], g[L:]
+            mid = L > 2
+            gw0, gb0, gwo, gbo = gw[0], gb[0], gw[-1], gb[-1]
+            gwm = torch.stack(gw[1:-1]) if mid else None
+            gbm = torch.stack(gb[1:-1]) if mid else None
         return gx, gw0, gb0, gwm, gbm, gwo, gbo
 
 
@@ -384,11 +505,26 @@ class _ChainMLPFunction(torch.autograd.Function):
             hs.append(h)
         y = torch.addmm(bs[-1], h, ws[-1].t())
         ctx.save_for_backward(x, *hs, *ws)
+        ctx.biases = [b.detach() for b in bs]  # only the fallback's reference backward reads them
         ctx.n_hidden = len(hs)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        try:
+            return _ChainMLPFunction._backward(ctx, gy)
+        except Exception as exc:
+            _fall_back("chain", ("chain", ctx.n_hidden), exc)
+            saved = ctx.saved_tensors
+            L = ctx.n_hidden
+            x, ws = saved[0], saved[1 + L:]
+            need_dx = ctx.needs_input_grad[0]
+            gx, g = _reference_grads(x, list(ws), list(ctx.biases), gy.to(torch.float32), need_dx)
+            n = L + 1
+            return (gx, *[t for pair in zip(g[:n], g[n:]) for t in pair])
+
+    @staticmethod
+    def _backward(ctx, gy):
         saved = ctx.saved_tensors
         L = ctx.n_hidden
         x, hs, ws = saved[0], saved[1:1 + L], saved[1 + L:]
@@ -406,6 +542,7 @@ class _ChainMLPFunction(torch.autograd.Function):
                 d, db = _relu_bwd(hs[l - 1], g=d @ ws[l])
             elif ctx.needs_input_grad[0]:
                 gx = d @ ws[0]
+        _LAUNCHED.add(("chain", L))
         return (gx, *grads)
 
 

@@ -128,8 +128,8 @@ class MLP(nn.Sequential):
             if fm is None or not (x.device.type == "cuda" or fm.interpreting()):
                 return "torch"
             if self.fused_ok():
-                return "triton"
-            return "chain" if self.out_dim <= 16 else "torch"
+                return "torch" if "fused" in fm.FALLBACK else "triton"
+            return "chain" if self.out_dim <= 16 and "chain" not in fm.FALLBACK else "torch"
         if x.device.type != "cuda":
             return "torch"
         return "compile"

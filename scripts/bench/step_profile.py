@@ -27,7 +27,7 @@ from backend.export.outputs import device_name  # noqa: E402
 from backend.train import Trainer  # noqa: E402
 from time_to_psnr import add_clip_arguments, flow_for, load, variant_config  # noqa: E402
 
-FAMILIES = (("fused_mlp", ("_mlp_fwd_kernel", "_mlp_bwd_kernel")),
+FAMILIES = (("fused_mlp", ("_mlp_fwd_kernel", "_mlp_bwd_kernel", "_relu_bwd_kernel")),
             ("inductor", ("triton_poi", "triton_red", "triton_per")),
             ("gemm", ("gemm", "sm90_", "cutlass", "cublas", "ampere_", "sgemm", "xmma")),
             ("hashgrid", ("_hash", "_fwd", "_bwd", "grid")),
@@ -116,7 +116,14 @@ def main() -> int:
             tr = None
             torch.cuda.empty_cache()
             continue
+        try:
+            from backend.model import fused_mlp as fm
+            fell, opts = dict(fm.FALLBACK), dict(fm.OPTIONS.__dict__)
+            fm.reset_fallback()
+        except ImportError:
+            fell, opts = {}, {}
         rows.append({"variant": spec, "graph_step_ms": round(ms, 3), "batch": cfg.train.batch_size,
+                     "fallback": fell, "fused_options": opts,
                      "mlp_backend": tr.model.mlp_backend, "warmup_2_steps_s": round(warm_s, 2),
                      "eager_gpu_ms": {k: round(v, 3) for k, v in sorted(fams.items())},
                      "eager_gpu_total_ms": round(sum(fams.values()), 3),
