@@ -25,6 +25,19 @@ from ..cli_options import shared_options, sub_parsers
 EXIT_OK, EXIT_ARGS, EXIT_UNREACHABLE, EXIT_ERROR, EXIT_CANCELLED = 0, 2, 3, 4, 5
 
 
+def _bytes(text: str) -> int:
+    """'20G', '512M', '1000000' -> bytes (K/M/G/T are powers of 1024)."""
+    t = text.strip().upper().rstrip("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20G, 512M)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("a size is >= 0")
+    return int(n * mult)
+
+
 def add_commands(subparsers) -> None:
     # ------------------------------------------------------------------ serve
     s = subparsers.add_parser("serve", help="run the job server (ZeroMQ ROUTER)",
@@ -42,6 +55,10 @@ def add_commands(subparsers) -> None:
                    help="a folder clients may read clips/edits from (repeatable); default on "
                         "loopback: the workspace and your home folder; otherwise only the workspace")
     s.add_argument("--curve", action="store_true", help="require CURVE encryption even on loopback")
+    s.add_argument("--job-quota", type=_bytes, default=0, metavar="SIZE",
+                   help="most bytes one job's uploaded files may take, e.g. 20G (default: no quota)")
+    s.add_argument("--store-quota", type=_bytes, default=0, metavar="SIZE",
+                   help="most bytes the store of uploaded content may keep, e.g. 200G (default: the disk)")
     s.add_argument("--no-device-probe", action="store_true", help="do not query torch for the device")
     s.add_argument("--log-level", default="INFO")
     add_executor_arguments(s)
@@ -172,7 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(ServerOptions(
         workspace=args.workspace, endpoint=args.endpoint, keys_dir=args.keys,
         parent_pid=args.parent_pid, allow_roots=list(args.allow_root), curve=args.curve,
-        probe_device=not args.no_device_probe, executor=executor))
+        probe_device=not args.no_device_probe, executor=executor,
+        job_quota=args.job_quota, store_quota=args.store_quota))
 
 
 # ----------------------------------------------------------------------- keys
