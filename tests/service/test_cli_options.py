@@ -14,7 +14,7 @@ from backend.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 
 CLIENT_SUBS = {"hello": [], "status": [], "list": [], "submit": ["CLIP"], "cancel": ["J"], "wait": ["J"],
-               "result": ["J"], "delete": ["J"], "shutdown": []}
+               "result": ["J"], "delete": ["J"], "shutdown": [], "render": ["J", "--edit", "0=e.png"]}
 # option, value typed, the parsed value, the default
 CLIENT_OPTS = [("--endpoint", "tcp://127.0.0.1:7", "tcp://127.0.0.1:7", None),
                ("--workspace", "/w", Path("/w"), None), ("--keys", "/k", Path("/k"), None),

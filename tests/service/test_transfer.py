@@ -5,7 +5,10 @@ uploads removed. Real server processes (stand-in engine), real files."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +16,7 @@ from neural_atlas.core import protocol as P
 from neural_atlas.core import remote as R
 from neural_atlas.core.client import ServiceError
 
-from .conftest import fast
+from .conftest import ROOT, fast
 
 
 def _clip(d, n=6, size=3000):
@@ -175,3 +178,43 @@ def test_blob_store_quota_keeps_what_jobs_use(server_factory, tmp_path):
     with pytest.raises(ServiceError) as e:
         c.upload_many([big])
     assert e.value.code == "quota_exceeded" and "--store-quota" in e.value.detail
+
+
+def _objects(text: str) -> list:
+    dec, out, i = json.JSONDecoder(), [], 0
+    while True:
+        i = text.find("{", i)
+        if i < 0:
+            return out
+        obj, i = dec.raw_decode(text, i)
+        out.append(obj)
+
+
+def test_client_cli_submit_and_render_through_uploads(server_factory, tmp_path):
+    """`client submit --upload` and `client render --upload --download` against a backend that
+    may read only its own workspace."""
+    srv = server_factory(extra=["--allow-root", str(tmp_path / "ws")])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "backend.service", "client", "--endpoint", srv.endpoint,
+            "--keys", str(srv.keys), "--timeout", "5"]
+
+    def cli(*args):
+        r = subprocess.run(base + list(args), env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        return r.returncode, r
+
+    clip = _clip(tmp_path / "outside" / "clip", n=2, size=100)
+    code, r = cli("submit", str(clip), "--preset", "demo", "--set", "train.iterations=10", "--wait")
+    assert code == 4 and "path_not_allowed" in r.stdout  # not shared: must be uploaded
+    code, r = cli("submit", str(clip), "--preset", "demo", "--set", "train.iterations=10", "--upload", "--wait")
+    assert code == 0, r.stderr
+    job = _objects(r.stdout)[-1]["job"]["job_id"]
+    edit = tmp_path / "outside" / "layer_1.png"
+    edit.write_bytes(os.urandom(800))
+    dl = tmp_path / "got"
+    code, r = cli("render", job, "--edit", f"1={edit}", "--upload", "--download", str(dl))
+    assert code == 0, r.stderr
+    lines = _objects(r.stdout)
+    assert {"downloaded": 1, "folder": str(dl)} in lines and lines[-1]["job"]["state"] == "done"
+    assert (dl / "frames" / "edit_1.txt").is_file()  # the stand-in engine's "frame"
+    code, r = cli("render", job, "--edit", "1")
+    assert code == 2 and "LAYER=PNG" in r.stderr
