@@ -64,7 +64,8 @@ BATCH_OPTS = [("--endpoint", "tcp://e:1", "tcp://e:1", None), ("--keys", "/k", "
                                                        "-m backend serve --x", "-m backend serve"),
               ("--workspace", "/w", "/w", None), ("--addon-zip", "a.zip", "a.zip", None),
               ("--timeout", "12", 12.0, 0.0), ("--save", "o.blend", "o.blend", None),
-              ("--keep-backend", None, True, False)]
+              ("--keep-backend", None, True, False), ("--files", "remote", "remote", None),
+              ("--curve", None, True, False)]
 
 
 @pytest.mark.parametrize("cmd", [["decompose", "CLIP"], ["render", "--blend", "in.blend"]], ids=["decompose", "render"])
