@@ -26,11 +26,7 @@ import bpy
 
 from ..core import remote as R
 
-DOWNLOADS = {  # what the add-on reads of a finished job's output, by kind
-    "decompose": ("atlas/", "maps/", "maps_source/", "report.json"),
-    "paint_frame": ("edits/",),
-    "render": ("",),
-}
+DOWNLOADS = R.DOWNLOADS  # what the add-on reads of a finished job's output, by kind
 LOCAL_SOURCE = "source.local"  # beside a downloaded report.json: the clip's path on this machine
 
 

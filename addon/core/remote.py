@@ -32,6 +32,11 @@ from typing import Any, Iterable, Optional, Sequence
 from . import protocol as P
 
 RETRIES = 4  # reconnect-and-resume attempts of one transfer after `unreachable`
+DOWNLOADS = {  # what the add-on reads of a finished job's output, by job kind (path prefixes)
+    "decompose": ("atlas/", "maps/", "maps_source/", "report.json"),  # atlases, the live preview's maps
+    "paint_frame": ("edits/",),
+    "render": ("",),  # the rendered shot
+}
 
 
 class TransferCancelled(Exception):
