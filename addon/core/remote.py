@@ -244,7 +244,8 @@ def _send_file(client: Any, uid: str, f: _File, chunk: int, window: int, prog: P
             if getattr(e, "code", "") != "unreachable" or attempt == RETRIES:
                 raise _as_error(e) from None
             prog.resumed += 1
-            st = client.call("upload_status", {"upload_id": uid, "path": f.rel})
+            st = _retrying(client, prog, lambda: client.call("upload_status", {"upload_id": uid, "path": f.rel}),
+                           uid, f.rel)
             if st.get("verified"):
                 prog.files_done += 1
                 return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -218,3 +219,41 @@ def test_client_cli_submit_and_render_through_uploads(server_factory, tmp_path):
     assert (dl / "frames" / "edit_1.txt").is_file()  # the stand-in engine's "frame"
     code, r = cli("render", job, "--edit", "1")
     assert code == 2 and "LAYER=PNG" in r.stderr
+
+
+def test_stalled_upload_resumes_after_reconnect(server, tmp_path):
+    """The backend stalls mid-file (SIGSTOP); the chunk's request gives up (`unreachable`), the
+    client reconnects, asks where the upload stands and sends the rest. No timing: the
+    backend is woken when the client reports the disconnect."""
+    woke = []
+
+    def on_event(e):
+        if e.kind == "disconnected" and not woke:
+            woke.append(True)
+            os.kill(server.proc.pid, signal.SIGCONT)
+
+    c = server.client(timeout=0.5, retries=0, on_event=on_event)
+    big = tmp_path / "clip.mov"
+    data = os.urandom(2 * P.CHUNK_BYTES + 777)
+    big.write_bytes(data)
+
+    prog = R.Progress()
+
+    class StallAfterFirstChunk:
+        done = False
+
+        def is_set(self):
+            if prog.sent_bytes >= P.CHUNK_BYTES and not self.done:
+                self.done = True
+                os.kill(server.proc.pid, signal.SIGSTOP)
+            return False
+
+    try:
+        (src,) = R.upload(c, [str(big)], prog, StallAfterFirstChunk())
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert woke and prog.resumed >= 1 and prog.done_bytes == len(data)
+    c2 = server.client()
+    job = c2.call("submit", {"source": src, "preset": "demo", "overrides": fast(5, 5), "token": P.new_id()})["job_id"]
+    assert c2.wait(job, timeout=60)["state"] == "done"
+    assert (server.workspace / "jobs" / job / "input" / src["upload"] / "clip.mov").read_bytes() == data
