@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from conftest import ADDON_MODULE, BACKEND_PY, ROOT, TMP, free_port, tiny_overrides
@@ -100,6 +101,24 @@ def _run(na, scene, workspace: str) -> dict:
     out = {"job": job, "atlases": _files(os.path.join(job.out_dir, "atlas")), "moved": T.HISTORY[n0:]}
     for layer, color in ((0, (1.0, 0.0, 1.0, 1.0)), (1, (0.0, 1.0, 0.0, 1.0))):
         B.images.paint_rect(B.images.find_image(job.shot, layer, "edit"), 20, 20, 12, 12, color)
+    # paint on a frame: the backend's paint_frame job projects it into the edit images
+    t0, f = B.lifetime.first_frame(job), 6
+    scene.frame_set(t0 + f)
+    assert bpy.ops.neural_atlas.paint_image_new(job_id=job.job_id) == {"FINISHED"}
+    paint = next(i for i in bpy.data.images if i.get("neural_atlas_paint_frame") == t0 + f)
+    mark = np.zeros((36, 64, 4), np.float32)
+    mark[16:21, 30:35] = (0.05, 0.95, 0.95, 1.0)
+    B.images.write_array(paint, mark)
+    before = {i: B.images.to_array(B.images.find_image(job.shot, i, "edit")).copy() for i in (0, 1)}
+    n_fp = len(T.HISTORY)
+    assert bpy.ops.neural_atlas.project_paint(job_id=job.job_id, image=paint.name, wait=True,
+                                              timeout=300) == {"FINISHED"}
+    pj = _job(na, scene, "paint_frame")
+    assert pj.state == "done" and not pj.error, (pj.error, pj.hint)
+    after = {i: B.images.to_array(B.images.find_image(job.shot, i, "edit")).copy() for i in (0, 1)}
+    assert any(np.any(after[i] != before[i]) for i in (0, 1))  # the paint landed
+    out["frame_paint"] = after
+    out["frame_paint_moved"] = T.HISTORY[n_fp:]
     n1 = len(T.HISTORY)
     assert bpy.ops.neural_atlas.render_edit(job_id=job.job_id, wait=True, timeout=300) == {"FINISHED"}
     rjob = _job(na, scene, "render")
@@ -126,7 +145,8 @@ def _run(na, scene, workspace: str) -> dict:
 def test_remote_backend_equals_shared_filesystem_bit_for_bit(na, backend):
     scene = _open(na, backend, os.path.join(TMP, "ws_shared"), "SHARED")
     shared = _run(na, scene, os.path.join(TMP, "ws_shared"))
-    assert shared["moved"] == [] and shared["out_dir"].startswith(BACKEND_WS)  # read in place
+    assert shared["moved"] == shared["frame_paint_moved"] == shared["render_moved"] == []  # read in place
+    assert shared["out_dir"].startswith(BACKEND_WS)
 
     ws = os.path.join(TMP, "ws_remote")
     scene = _open(na, backend, ws, "REMOTE")
@@ -146,10 +166,13 @@ def test_remote_backend_equals_shared_filesystem_bit_for_bit(na, backend):
     assert remote["atlases"] == shared["atlases"]
     assert remote["render"] == shared["render"] and remote["render2"] == shared["render2"]
     assert remote["render"] != remote["render2"]
-    # the first render sent both painted edits; the re-render only layer 1's
+    assert all(np.array_equal(remote["frame_paint"][i], shared["frame_paint"][i]) for i in (0, 1))
+    fp_up, fp_down = remote["frame_paint_moved"]
+    assert fp_up.what == "upload" and fp_down.what == "download" and fp_down.files > 0
+    # the re-render after a few strokes on layer 1 sends only layer 1's edit image
     (up1, _d1), (up2, _d2) = remote["render_moved"], remote["render2_moved"]
     sizes = {i: os.path.getsize(p) for i, p in remote["edits"].items()}
-    assert up1.sent_bytes == up1.total_bytes  # layer 0 as first rendered + layer 1 as first rendered
+    assert up1.total_bytes > 0 and up1.files == 2
     assert up2.sent_bytes == sizes[1] and up2.skipped_bytes == sizes[0]
     S["measured"] = {"clip_up": up.sent_bytes, "down": down.sent_bytes, "edit_up": up2.sent_bytes}
     print(json.dumps(S["measured"]))
