@@ -343,6 +343,13 @@ def _download_then_apply(job: NA_JobItem, ch: J.Change, res: dict[str, Any]) -> 
                             then, lambda msg, hint: _failed(jid, msg, hint))
 
 
+def download_results(job: NA_JobItem) -> None:
+    """Download a finished remote job's files (again: a failed or cancelled download resumes)
+    and apply them like a fresh result."""
+    _download_then_apply(job, J.Change("finished", job.job_id, {"job_id": job.job_id, "state": "done"}),
+                         {"job_id": job.job_id})
+
+
 # ------------------------------------------------------------------- apply
 def _find_by_token(token: str) -> tuple[Optional[bpy.types.Scene], Optional[NA_JobItem]]:
     for sc in bpy.data.scenes:

@@ -278,6 +278,9 @@ class NA_OT_load_atlases(bpy.types.Operator):
         try:
             if job.out_dir and os.path.isdir(job.out_dir):
                 actions.load_results(vse.sequencer_scene(context), job, {"out_dir": job.out_dir})
+            elif job.remote:  # a backend on another machine: download (again; what arrived is kept)
+                runtime.connect(context)
+                actions.download_results(job)
             else:
                 job.atlases_loaded = False
                 runtime.session(context).attach([job.job_id])
