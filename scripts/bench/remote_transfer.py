@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 DOWNLOADS_DECOMPOSE = ("atlas/", "maps/", "maps_source/", "report.json")  # = core.remote.DOWNLOADS
 CHUNK = 4 * 1024 * 1024
-HEADER_BYTES = 8 + 32 + 220  # magic + HMAC + a msgpack upload/fetch header (measured below when possible)
+# one chunk's request and reply framing (magic + HMAC + msgpack header each way), measured with
+# protocol.make_header: an upload chunk 241 B + its reply ~200 B; a fetch ~180 B + its reply 321 B
+HEADER_BYTES = 500
 
 
 def files_under(folder: Path) -> list[tuple[str, Path]]:
