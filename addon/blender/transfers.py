@@ -47,6 +47,7 @@ class Task:
     started: float = field(default_factory=time.monotonic)
 
 
+THREADED: Optional[bool] = None  # None: a thread unless in background mode (tests set True)
 TASKS: dict[str, Task] = {}
 HISTORY: list[R.Progress] = []  # finished transfers, newest last (the panel, tests)
 
@@ -128,7 +129,7 @@ def start(key: str, label: str, kind: str, work: Callable[[Any, R.Progress, thre
     TASKS[key] = task
     from . import runtime
 
-    if bpy.app.background:
+    if not (THREADED if THREADED is not None else not bpy.app.background):
         _run(task)
         _finish(task)
     else:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ADDON_MODULE, BACKEND_PY, ROOT, TMP, free_port, tiny_overrides
+from conftest import ADDON_MODULE, BACKEND_PY, ROOT, TMP, free_port, tick_until, tiny_overrides
 
 BACKEND_WS = os.path.join(TMP, "remote_backend_ws")
 S: dict = {}
@@ -174,6 +174,28 @@ def test_remote_backend_equals_shared_filesystem_bit_for_bit(na, backend):
     sizes = {i: os.path.getsize(p) for i, p in remote["edits"].items()}
     assert up1.total_bytes > 0 and up1.files == 2
     assert up2.sent_bytes == sizes[1] and up2.skipped_bytes == sizes[0]
+    # the GUI's way: the transfer on a thread, the timer applies it; all files already here
+    import bpy
+
+    T = na.blender.transfers
+    job = _job(na, scene)
+    job.atlases_loaded, job.out_dir = False, ""
+    T.THREADED = True
+    try:
+        assert bpy.ops.neural_atlas.load_atlases(job_id=job.job_id) == {"FINISHED"}
+        assert job.job_id in T.TASKS and T.TASKS[job.job_id].thread is not None
+        tick_until(na, lambda: _job(na, scene).atlases_loaded, 120)
+    finally:
+        T.THREADED = None
+    again = T.HISTORY[-1]
+    assert again.state == "done" and again.sent_bytes == 0 and again.skipped_bytes == again.total_bytes > 0
+    assert _job(na, scene).out_dir == remote["out_dir"]
+    # Detect (AUTO): the backend reads the shared run's workspace, not this one's
+    p = __import__("bpy").context.preferences.addons[ADDON_MODULE].preferences
+    p.files_mode = "AUTO"
+    assert na.blender.transfers.is_remote() is True
+    p.workspace = os.path.join(TMP, "ws_shared")
+    assert na.blender.transfers.is_remote() is False
     S["measured"] = {"clip_up": up.sent_bytes, "down": down.sent_bytes, "edit_up": up2.sent_bytes}
     print(json.dumps(S["measured"]))
 
