@@ -99,6 +99,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--per", type=int, default=100, help="scale the numbers to this many frames")
     ap.add_argument("--wire", action="store_true", help="also send the clip through a real local server")
+    ap.add_argument("--wire-only", action="store_true", help="only the wire check (no decomposition)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="remote_transfer_"))
@@ -115,6 +116,18 @@ def main() -> int:
         if h not in seen:
             seen.add(h)
             up_files.append(p.stat().st_size)
+    if a.wire_only:
+        res = {"device": device_name("cpu"), "clip": str(a.clip), "frames": n,
+               "up": {"frames_bytes": sum(p.stat().st_size for p in frames),
+                      "masks_bytes": sum(p.stat().st_size for p in masks),
+                      "decompose_wire_bytes": wire_bytes(up_files)}}
+        res["wire"] = wire_check(a.clip, frames, masks, mask_dirs, work, res)
+        text = json.dumps(res, indent=1)
+        print(text)
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(text + "\n")
+        return 0
     py = sys.executable
     out = work / "decomposition"
     cmd = [py, "-m", "backend", "decompose", str(a.clip), "--out", str(out), "--preset", a.preset,
@@ -170,19 +183,24 @@ def main() -> int:
 
 def wire_check(clip: Path, frames, masks, mask_dirs, work: Path, res: dict) -> dict:
     """Send frames + masks through a real server on loopback; compare with a file copy."""
+    from backend.service import keys as keymod
     from neural_atlas.core import remote as R
-    from neural_atlas.core.client import Client
+    from neural_atlas.core.client import Client, CurveKeys
     ws, keys = work / "server_ws", work / "keys"
+    shutil.rmtree(ws, ignore_errors=True)  # an empty blob store: everything is sent
+    keymod.init(keys)
+    issued = keymod.add_client(keys, "bench")
+    curve = CurveKeys.from_files(keys / "server.key", issued["client_secret"])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "backend.service", "serve", "--endpoint", "tcp://127.0.0.1:*",
-                             "--workspace", str(ws), "--keys", str(keys), "--no-device-probe",
+                             "--workspace", str(ws), "--keys", str(keys), "--no-device-probe", "--curve",
                              "--log-level", "WARNING"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not (ws / "server.json").is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
         ep = json.loads((ws / "server.json").read_text())["endpoint"]
-        with Client(ep, keys_dir=keys, timeout=30) as c:
+        with Client(ep, keys_dir=keys, curve=curve, timeout=30) as c:
             t = time.monotonic()
             prog = R.Progress()
             R.upload(c, [str(clip / "video_frames"), *map(str, mask_dirs)], prog)
@@ -198,7 +216,7 @@ def wire_check(clip: Path, frames, masks, mask_dirs, work: Path, res: dict) -> d
         proc.terminate()
         proc.wait(10)
     payload = res["up"]["decompose_wire_bytes"]
-    return {"sent_bytes": prog.sent_bytes, "files_unique_bytes": payload, "upload_s": round(t_up, 2),
+    return {"curve": True, "sent_bytes": prog.sent_bytes, "files_unique_bytes": payload, "upload_s": round(t_up, 2),
             "copy_s": round(t_copy, 2), "upload_vs_copy": round(t_up / max(t_copy, 1e-9), 2),
             "upload_MB_s": round(prog.sent_bytes / t_up / 1e6, 1), "second_upload_sent_bytes": again.sent_bytes}
 
