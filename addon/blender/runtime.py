@@ -207,10 +207,15 @@ def tick() -> Optional[float]:
 def _attach_saved_jobs(s: J.Session) -> None:
     from .props import settings
 
+    from . import transfers
+
     ids = []
     for sc in bpy.data.scenes:
         st = settings(sc)
         for j in st.jobs:
+            if j.state == "uploading" and not j.job_id and j.token not in transfers.TASKS:
+                j.state = "failed"  # saved mid-upload: nothing reached the backend's queue
+                j.error, j.hint = "the upload was interrupted", "Submit again: what arrived is not sent twice"
             if j.job_id and j.state in J.ACTIVE_STATES + ("done",) and not (
                     j.state == "done" and (j.atlases_loaded or j.placed)):
                 ids.append(j.job_id)
