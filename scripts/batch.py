@@ -8,7 +8,9 @@
     ... render --blend IN.blend [--job JOB_ID] [--edit LAYER=PNG ...] [--movie] [--save OUT.blend]
 
 Backend: ``--endpoint`` (default the add-on preference), or ``--start-backend PYTHON`` to
-start one (``--backend-args``, default ``-m backend serve``) in ``--workspace``.
+start one (``--backend-args``, default ``-m backend serve``) in ``--workspace``. A backend on
+another machine: ``--files remote`` (or ``auto``: ask it) uploads what a job needs and
+downloads what the .blend shows into ``--workspace``; ``--curve`` for an SSH tunnel.
 Add-on: the installed ``neural_atlas`` extension, or ``--addon-zip ZIP`` installed first.
 
 Exit codes: 0 done (outputs verified), 1 uncaught Python error (with --python-exit-code 1),
@@ -66,6 +68,13 @@ def parse(args: list[str]) -> argparse.Namespace:
         p.add_argument("--timeout", type=float, default=0.0, help="seconds to wait for the job (0: no limit)")
         p.add_argument("--save", metavar="OUT.blend", help="save the .blend here at the end")
         p.add_argument("--keep-backend", action="store_true", help="leave a started backend running")
+        p.add_argument("--files", choices=("auto", "remote", "shared"), default=None,
+                       help="does the backend see this machine's files? remote: upload the clip, masks and "
+                            "edits, download atlases, maps and the render (auto: ask the backend; "
+                            "default: the add-on preference)")
+        p.add_argument("--curve", action="store_true",
+                       help="CURVE on a 127.0.0.1 endpoint too (an SSH tunnel; server.key and "
+                            "client.key_secret in --keys)")
 
     class _Suppressing:
         def __init__(self, p: argparse.ArgumentParser) -> None:
@@ -169,6 +178,10 @@ def configure(na: Any, a: argparse.Namespace) -> Any:
         p.keys_dir = os.path.abspath(a.keys)
     if a.workspace:
         p.workspace = os.path.abspath(a.workspace)
+    if getattr(a, "files", None):
+        p.files_mode = a.files.upper()
+    if getattr(a, "curve", False):
+        p.use_curve = True
     if a.start_backend:
         p.start_local, p.backend_python, p.backend_args = True, os.path.abspath(a.start_backend), a.backend_args
     else:

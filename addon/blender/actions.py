@@ -124,10 +124,13 @@ def decompose(scene: bpy.types.Scene, strip: bpy.types.Strip, *, preset: Optiona
                             first_index=frame_range[0])
     ov = dict(overrides or {})
     s = runtime.connect()
-    token = s.submit(source, masks=masks, frame_range=frame_range, preset=preset or st.preset,
-                     overrides=ov or None, name=strip.name)
+    from . import transfers
+
+    remote = transfers.is_remote()
+    submit = dict(frame_range=frame_range, preset=preset or st.preset, overrides=ov or None, name=strip.name)
+    token = J.new_token() if remote else s.submit(source, masks=masks, **submit)
     job = st.jobs.add()
-    job.token, job.kind, job.state = token, "decompose", "submitting"
+    job.token, job.kind, job.state, job.remote = token, "decompose", "submitting", remote
     job.label, job.strip_name, job.source = strip.name, strip.name, info.source
     job.range_start, job.range_stop = src_range
     job.preset = preset or st.preset
@@ -135,6 +138,12 @@ def decompose(scene: bpy.types.Scene, strip: bpy.types.Strip, *, preset: Optiona
     job.shot = shot_key(strip.name, info.source, src_range)
     job.mask_count = len(masks or [])
     st.active_job = len(st.jobs) - 1
+    if remote:  # the backend does not see this machine's files: upload them, then submit
+        job.state = "uploading"
+        transfers.upload_then(token, strip.name, [source, *(masks or [])],
+                              lambda srcs: _submitted(token, s.submit(srcs[0], masks=srcs[1:] or None,
+                                                                      token=token, **submit)),
+                              lambda msg, hint: _failed(token, msg, hint))
     runtime.note(f"submitted {strip.name} frames {src_range[0]}-{src_range[1] - 1}")
     return job
 
@@ -171,14 +180,26 @@ def render_edit(scene: bpy.types.Scene, job: NA_JobItem, *, formats: tuple[str, 
     keep = {k: getattr(job, k) for k in ("job_id", "label", "strip_name", "source", "range_start",
                                          "range_stop", "src_channel", "src_frame_start", "shot")}
     opacity = L.render_field({k: v for k, v in lifetimes.items() if k in paths})
-    token = s.render(keep["job_id"], paths, formats=formats, name=f"{keep['label']} edit", opacity=opacity)
+    from . import transfers
+
+    remote, parent_id = bool(job.remote), keep["job_id"]
+    token = J.new_token() if remote else s.render(keep["job_id"], paths, formats=formats,
+                                                   name=f"{keep['label']} edit", opacity=opacity)
     st = settings(scene)
     r = st.jobs.add()
     r.token, r.kind, r.state, r.parent = token, "render", "submitting", keep.pop("job_id")
+    r.remote = remote
     for k, v in keep.items():
         setattr(r, k, v)
     r.label = f"{keep['label']} edit"
     st.active_job = len(st.jobs) - 1
+    if remote:  # only the edit images the backend lacks travel (content hash)
+        r.state, layers = "uploading", sorted(paths)
+        transfers.upload_then(token, r.label, [paths[k] for k in layers],
+                              lambda srcs: _submitted(token, s.render(
+                                  parent_id, dict(zip(layers, srcs)), formats=formats,
+                                  name=f"{keep['label']} edit", opacity=opacity, token=token)),
+                              lambda msg, hint: _failed(token, msg, hint))
     runtime.note(f"render of {keep['label']} submitted ({len(saved)} edit images saved, "
                  f"{len(paths)} with paint)")
     return r
@@ -227,15 +248,26 @@ def project_paint(scene: bpy.types.Scene, job: NA_JobItem, paint: bpy.types.Imag
     s = runtime.connect()
     keep = {k: getattr(job, k) for k in ("job_id", "label", "strip_name", "source", "range_start", "range_stop",
                                          "src_channel", "src_frame_start", "shot")}
-    token = s.paint_frame(keep["job_id"], f, paint_path, layer=layer, edits=copies,
-                          name=f"{keep['label']} paint frame {timeline_frame}")
+    from . import transfers
+
+    remote, parent_id, pname = bool(job.remote), keep["job_id"], f"{keep['label']} paint frame {timeline_frame}"
+    token = J.new_token() if remote else s.paint_frame(keep["job_id"], f, paint_path, layer=layer,
+                                                        edits=copies, name=pname)
     st = settings(scene)
     r = st.jobs.add()
     r.token, r.kind, r.state, r.parent = token, "paint_frame", "submitting", keep.pop("job_id")
+    r.remote = remote
     for k, v in keep.items():
         setattr(r, k, v)
     r.label, r.paint_base = f"{keep['label']} paint frame {timeline_frame}", base
     st.active_job = len(st.jobs) - 1
+    if remote:  # the paint and the edit images it paints over travel (what the backend lacks)
+        r.state, layers = "uploading", sorted(copies)
+        transfers.upload_then(token, pname, [paint_path, *(copies[k] for k in layers)],
+                              lambda srcs: _submitted(token, s.paint_frame(
+                                  parent_id, f, srcs[0], layer=layer, edits=dict(zip(layers, srcs[1:])),
+                                  name=pname, token=token)),
+                              lambda msg, hint: _failed(token, msg, hint))
     runtime.note(f"projecting '{paint.name}' from frame {timeline_frame} of {keep['label']}")
     return r
 
@@ -275,6 +307,47 @@ def merge_paint(scene: bpy.types.Scene, job: NA_JobItem, res: dict[str, Any]) ->
     preview.sync(job.shot)
     runtime.note(f"{job.label}: paint landed in layer(s) {changed_layers or 'none'} (unsaved: Render Edit saves)")
     return changed_layers
+
+
+# ------------------------------------------------------- remote transfers
+def _submitted(token: str, _sent: str) -> None:
+    """An upload finished and its job was submitted: the record waits for the job id."""
+    _sc, job = _find_by_token(token)
+    if job is not None and job.state == "uploading":
+        job.state = "submitting"
+
+
+def _failed(token: str, message: str, hint: str) -> None:
+    _sc, job = _find_by_token(token)
+    if job is None:
+        _sc, job = find_job_any(token)
+    if job is not None:
+        job.state = "failed" if job.state in ("uploading", "submitting") else job.state
+        job.error, job.hint = message, hint
+    rt = runtime.get()
+    rt.last_error, rt.last_hint = message, hint
+    runtime.note(message)
+
+
+def _download_then_apply(job: NA_JobItem, ch: J.Change, res: dict[str, Any]) -> None:
+    """A finished job of a remote backend: bring its files into the workspace, then apply
+    the change as for a shared folder (``local_out`` in the result)."""
+    from . import transfers
+
+    def then(dest: str) -> None:
+        apply(J.Change(ch.kind, ch.job_id, {**ch.info, "result": {**res, "local_out": dest}}, ch.token))
+
+    jid = job.job_id
+    job.message = "downloading"
+    transfers.download_then(jid, job.kind, job.label, job.source if job.kind == "decompose" else "",
+                            then, lambda msg, hint: _failed(jid, msg, hint))
+
+
+def download_results(job: NA_JobItem) -> None:
+    """Download a finished remote job's files (again: a failed or cancelled download resumes)
+    and apply them like a fresh result."""
+    _download_then_apply(job, J.Change("finished", job.job_id, {"job_id": job.job_id, "state": "done"}),
+                         {"job_id": job.job_id})
 
 
 # ------------------------------------------------------------------- apply
@@ -338,6 +411,9 @@ def apply(ch: J.Change) -> None:
             job.error = ch.info.get("message_text", "result unavailable")
             job.hint = ch.info.get("hint", "")
             return
+        if job.remote and not res.get("local_out"):
+            _download_then_apply(job, ch, res)
+            return
         try:
             if job.kind == "decompose":
                 load_results(sc, job, res)
@@ -354,6 +430,8 @@ def apply(ch: J.Change) -> None:
 
 def _local_out(job: NA_JobItem, res: dict[str, Any], prefixes: tuple[str, ...]) -> str:
     """The job's output folder on this machine (downloads it from a remote backend)."""
+    if res.get("local_out"):  # downloaded from a backend that does not share our files
+        return str(res["local_out"])
     out = str(res.get("out_dir") or "")
     if out and os.path.isdir(out):
         return out

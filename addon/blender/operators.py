@@ -278,6 +278,9 @@ class NA_OT_load_atlases(bpy.types.Operator):
         try:
             if job.out_dir and os.path.isdir(job.out_dir):
                 actions.load_results(vse.sequencer_scene(context), job, {"out_dir": job.out_dir})
+            elif job.remote:  # a backend on another machine: download (again; what arrived is kept)
+                runtime.connect(context)
+                actions.download_results(job)
             else:
                 job.atlases_loaded = False
                 runtime.session(context).attach([job.job_id])
@@ -542,6 +545,22 @@ class NA_OT_project_paint(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class NA_OT_transfer_cancel(bpy.types.Operator):
+    """Stop an upload or download to a backend on another machine (what arrived is kept: it resumes)"""
+
+    bl_idname = "neural_atlas.transfer_cancel"
+    bl_label = "Cancel Transfer"
+
+    key: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        from . import transfers
+
+        if not transfers.cancel(self.key):
+            return _fail(self, "no such transfer")
+        return {"FINISHED"}
+
+
 class NA_OT_open_log(bpy.types.Operator):
     """Open the backend's log file"""
 
@@ -591,5 +610,5 @@ class NA_OT_mask_remove(bpy.types.Operator):
 CLASSES = (NA_OT_connect, NA_OT_backend_start, NA_OT_backend_stop, NA_OT_decompose, NA_OT_decompose_selected,
            NA_OT_wait,
            NA_OT_cancel, NA_OT_remove_job, NA_OT_load_atlases, NA_OT_paint_setup, NA_OT_save_edits,
-           NA_OT_render_edit, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove, NA_OT_preview,
+           NA_OT_render_edit, NA_OT_transfer_cancel, NA_OT_open_log, NA_OT_mask_add, NA_OT_mask_remove, NA_OT_preview,
            NA_OT_frame_paint, NA_OT_frame_paint_end, NA_OT_paint_image_new, NA_OT_project_paint)

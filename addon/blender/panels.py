@@ -11,7 +11,7 @@ from ..core import strips as S
 from . import frame_paint, images, preview, runtime, vse
 from .props import NA_JobItem, settings
 
-STATE_ICONS = {"queued": "SORTTIME", "submitting": "SORTTIME", "running": "PLAY", "cancelling": "CANCEL",
+STATE_ICONS = {"queued": "SORTTIME", "submitting": "SORTTIME", "uploading": "EXPORT", "running": "PLAY", "cancelling": "CANCEL",
                "done": "CHECKMARK", "failed": "ERROR", "cancelled": "X", "lost": "QUESTION"}
 
 
@@ -112,7 +112,14 @@ def draw_job(layout: bpy.types.UILayout, job: NA_JobItem, active: bool) -> None:
     op.job_id = job.job_id
     info = {k: getattr(job, k) for k in ("state", "phase", "iteration", "iterations", "psnr")}
     info["eta_s"] = job.eta_s if job.eta_s >= 0 else None
-    if job.state in J.ACTIVE_STATES or job.state == "submitting":
+    from . import transfers
+
+    moving = transfers.TASKS.get(job.token) or (transfers.TASKS.get(job.job_id) if job.job_id else None)
+    if moving is not None:  # uploading its inputs / downloading its results (remote backend)
+        row = box.row(align=True)
+        row.progress(factor=moving.progress.fraction, type="BAR", text=moving.progress.text())
+        row.operator("neural_atlas.transfer_cancel", text="", icon="X").key = moving.key
+    elif job.state in J.ACTIVE_STATES or job.state == "submitting":
         box.progress(factor=float(job.fraction), type="BAR", text=J.progress_text(info) or job.state)
         op = box.operator("neural_atlas.cancel", icon="CANCEL")
         op.job_id = job.job_id

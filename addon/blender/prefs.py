@@ -66,6 +66,18 @@ class NA_Preferences(SetupPreferences, bpy.types.AddonPreferences):
                     "default per-user folder. Copy it from the backend machine for a remote backend")
     default_preset: EnumProperty(  # type: ignore[valid-type]
         name="Default preset", items=PRESET_ITEMS, default="demo")
+    use_curve: BoolProperty(  # type: ignore[valid-type]
+        name="Encrypt (CURVE) on this machine too", default=False,
+        description="Use the CURVE certificates of the keys folder even for a 127.0.0.1 endpoint: an SSH "
+                    "tunnel to a GPU server, or a backend started with --curve")
+    files_mode: EnumProperty(  # type: ignore[valid-type]
+        name="Backend files", default="AUTO",
+        items=[("AUTO", "Detect", "Ask the backend whether it reads a probe file written in the workspace; "
+                "upload and download when it does not"),
+               ("REMOTE", "Remote", "The backend is on another machine: upload what a job needs, download "
+                "what the add-on shows"),
+               ("SHARED", "Shared", "The backend reads this machine's files at the same paths")],
+        description="Whether the backend sees this machine's files (a remote GPU server does not)")
 
     def workspace_path(self) -> str:
         ws = bpy.path.abspath(self.workspace) if self.workspace else os.path.join(user_dir(), "workspace")
@@ -86,6 +98,8 @@ class NA_Preferences(SetupPreferences, bpy.types.AddonPreferences):
         col.prop(self, "endpoint")
         col.prop(self, "keys_dir")
         col.prop(self, "workspace")
+        col.prop(self, "files_mode")
+        col.prop(self, "use_curve")
         col.prop(self, "default_preset")
         box = layout.box()
         box.prop(self, "start_local")

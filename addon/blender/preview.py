@@ -154,6 +154,11 @@ def plate_of(out_dir: str) -> Plate:
     except (OSError, ValueError, KeyError) as e:
         raise PreviewError(f"cannot read {out_dir}/report.json: {e}", "Decompose the shot again") from None
     source = str(clip["source"])
+    try:  # downloaded from a backend on another machine: the clip as this machine has it
+        with open(os.path.join(out_dir, "source.local"), encoding="utf-8") as f:
+            source = f.read().strip() or source
+    except OSError:
+        pass
     a, _b = clip["frame_range"]
     size = (int(clip["source_size"][0]), int(clip["source_size"][1]))
     names = list(clip.get("frame_names") or [])

@@ -54,6 +54,8 @@ class NA_JobItem(bpy.types.PropertyGroup):
     placed: BoolProperty()  # type: ignore[valid-type]
     # a paint_frame job: the folder with what it painted over (to tell its paint from the rest)
     paint_base: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
+    # the backend does not share this machine's files: inputs were uploaded, results are downloaded
+    remote: BoolProperty()  # type: ignore[valid-type]
 
 
 class NA_EditLayer(bpy.types.PropertyGroup):

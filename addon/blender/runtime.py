@@ -48,6 +48,9 @@ def get() -> Runtime:
 
 def reset() -> None:
     global _RT
+    from . import transfers
+
+    transfers.reset()
     shutdown()
     _RT = Runtime()
 
@@ -68,8 +71,9 @@ def session(context: Optional[bpy.types.Context] = None) -> J.Session:
     log_path = p.log_path()
     if _RT.session is None:
         _RT.session = J.Session(p.endpoint, keys_dir=keys, log_path=log_path)
+        _RT.session.force_curve = bool(getattr(p, "use_curve", False))
     else:
-        _RT.session.reconfigure(p.endpoint, keys)
+        _RT.session.reconfigure(p.endpoint, keys, bool(getattr(p, "use_curve", False)))
         _RT.session.log_path = log_path
     _RT.log_path = log_path
     return _RT.session
@@ -182,6 +186,9 @@ def tick() -> Optional[float]:
         if not _RT.attached:
             _attach_saved_jobs(s)
         s.refresh_device()
+        from . import transfers
+
+        moving = transfers.tick()  # finished uploads submit, finished downloads apply
         changes = s.pump(MAX_MESSAGES_PER_TICK)
         if changes:
             from . import actions
@@ -190,7 +197,7 @@ def tick() -> Optional[float]:
                 actions.apply(ch)
                 _RT.applied += 1
             _redraw()
-        return TICK_BUSY_S if s.busy() else TICK_IDLE_S
+        return TICK_BUSY_S if s.busy() or moving else TICK_IDLE_S
     except Exception:  # noqa: BLE001 - a timer that raises is unregistered by Blender
         traceback.print_exc()
         _RT.last_error = "internal error in the Neural Atlas poller (see the system console)"
@@ -200,10 +207,15 @@ def tick() -> Optional[float]:
 def _attach_saved_jobs(s: J.Session) -> None:
     from .props import settings
 
+    from . import transfers
+
     ids = []
     for sc in bpy.data.scenes:
         st = settings(sc)
         for j in st.jobs:
+            if j.state == "uploading" and not j.job_id and j.token not in transfers.TASKS:
+                j.state = "failed"  # saved mid-upload: nothing reached the backend's queue
+                j.error, j.hint = "the upload was interrupted", "Submit again: what arrived is not sent twice"
             if j.job_id and j.state in J.ACTIVE_STATES + ("done",) and not (
                     j.state == "done" and (j.atlases_loaded or j.placed)):
                 ids.append(j.job_id)

@@ -19,11 +19,9 @@ the next message; the client then re-attaches to the jobs it was watching.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -400,8 +398,9 @@ class Client:
         (and masks) over the wire first, for a backend on another machine."""
         if name is None and not isinstance(source, Mapping):
             name = os.path.basename(os.path.abspath(os.fspath(source)))
-        src = self._source(source, upload)
-        mask_src = [self._source(m, upload) for m in masks] if masks else None
+        masks = list(masks) if masks else []
+        srcs = self._sources([source, *masks], upload)
+        src, mask_src = srcs[0], srcs[1:] or None
         body = {"source": src, "masks": mask_src, "preset": preset,
                 "overrides": {k: dict(v) for k, v in overrides.items()} if overrides else None,
                 "frame_range": list(frame_range) if frame_range else None,
@@ -414,7 +413,8 @@ class Client:
                opacity: Mapping[int, Any] | None = None) -> str:
         """Queue a re-render of ``job_id`` with edited atlases; returns the render job id.
         ``opacity``: per edit layer a list of per-frame opacities (or {frame: opacity})."""
-        body = {"job_id": job_id, "edits": {str(int(k)): self._source(v, upload) for k, v in edits.items()},
+        keys = [str(int(k)) for k in edits]
+        body = {"job_id": job_id, "edits": dict(zip(keys, self._sources(list(edits.values()), upload))),
                 "mode": mode, "frame_range": list(frame_range) if frame_range else None,
                 "formats": list(formats) if formats else None, "token": token or uuid.uuid4().hex,
                 "name": name}
@@ -428,9 +428,11 @@ class Client:
                     name: str | None = None, upload: bool = False) -> str:
         """Queue painting ``image`` (RGBA over frame ``frame``) into the edit layers of decomposition
         ``job_id``, over ``edits`` when given; the job's ``edits/layer_<i>.png`` are the result."""
-        body = {"job_id": job_id, "frame": int(frame), "image": self._source(image, upload),
+        edits = dict(edits or {})
+        srcs = self._sources([image, *edits.values()], upload)
+        body = {"job_id": job_id, "frame": int(frame), "image": srcs[0],
                 "layer": None if layer is None else int(layer),
-                "edits": {str(int(k)): self._source(v, upload) for k, v in edits.items()} if edits else None,
+                "edits": dict(zip((str(int(k)) for k in edits), srcs[1:])) or None,
                 "token": token or uuid.uuid4().hex, "name": name}
         return self.call("paint_frame", body)["job_id"]
 
@@ -486,94 +488,57 @@ class Client:
                     on_event(e)
 
     # --------------------------------------------------------------- files
-    def _source(self, src: Any, upload: bool) -> Any:
-        if isinstance(src, Mapping):
-            return dict(src)
+    def _sources(self, srcs: Sequence[Any], upload: bool) -> list[Any]:
+        """Paths as the backend names them: absolute paths, or (``upload``) one upload
+        session holding every path that is not already a source mapping."""
+        out: list[Any] = [dict(s) if isinstance(s, Mapping) else os.path.abspath(os.fspath(s)) for s in srcs]
         if upload:
-            return self.upload(src)
-        return os.path.abspath(os.fspath(src))
+            idx = [i for i, s in enumerate(srcs) if not isinstance(s, Mapping)]
+            if idx:
+                for i, src in zip(idx, self.upload_many([out[i] for i in idx])):
+                    out[i] = src
+        return out
 
-    def upload(self, path: str | Path, *, window: int = 4) -> dict[str, str]:
-        """Send a file or folder to the backend; returns a source for submit/render:
-        ``{"upload": id}`` for a folder, ``{"upload": id, "path": name}`` for a file."""
-        path = os.fspath(path)
-        files = list(P.iter_files(path))
-        if not files:
-            raise ServiceError("bad_request", f"nothing to upload at {path}")
-        total = sum(os.path.getsize(f) for f, _ in files)
-        begin = self.call("upload_begin", {"size": total, "files": len(files)})
-        uid, chunk = begin["upload_id"], int(begin.get("chunk_bytes") or P.CHUNK_BYTES)
-        inflight: deque[Request] = deque()
+    def upload_many(self, paths: Sequence[str | Path], progress: Any = None, cancel: Any = None) -> list[dict[str, str]]:
+        """Send files and folders in one upload, only the content the backend lacks
+        (``remote.upload``); returns one source per path."""
+        from . import remote
+        try:
+            return remote.upload(self, [os.fspath(p) for p in paths], progress, cancel)
+        except remote.TransferError as e:
+            raise ServiceError(e.code, e.message, e.detail) from None
 
-        def settle(limit: int) -> None:
-            while len(inflight) > limit:
-                r = inflight[0]
-                while not r.done:
-                    self.poll(0.05)
-                inflight.popleft().raise_for_error()
+    def upload(self, path: str | Path) -> dict[str, str]:
+        """Send a file or folder to the backend; returns a source for submit/render."""
+        return self.upload_many([path])[0]
 
-        for full, rel in files:
-            h = hashlib.sha256()
-            size = os.path.getsize(full)
-            with open(full, "rb") as f:
-                offset = 0
-                while True:
-                    data = f.read(chunk)
-                    h.update(data)
-                    last = offset + len(data) >= size
-                    body = {"upload_id": uid, "path": rel, "offset": offset,
-                            "sha256": h.hexdigest() if last else None}
-                    if last:
-                        settle(0)  # the digest is checked against the whole file
-                    inflight.append(self.send("upload", body, [data]))
-                    settle(window - 1)
-                    offset += len(data)
-                    if last:
-                        break
-        settle(0)
-        self.call("upload_end", {"upload_id": uid, "files": len(files), "size": total})
-        if os.path.isfile(path):
-            return {"upload": uid, "path": files[0][1]}
-        return {"upload": uid}
+    def shares_files(self, folder: str | Path, refresh: bool = False) -> bool:
+        """Whether the backend reads this machine's ``folder`` at the same path (a probe file)."""
+        from . import remote
+        return remote.shares_files(self, os.fspath(folder), refresh=refresh)
 
-    def fetch(self, job_id: str, rel: str, dest: str | Path, *, window: int = 4) -> Path:
-        """Download one file of a finished job's output folder to ``dest``."""
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        first = self.request("fetch", {"job_id": job_id, "path": rel, "offset": 0})
-        info = first.raise_for_error()
-        size = info["size"]
-        tmp = dest.with_name(dest.name + ".part")
-        with open(tmp, "wb") as out:
-            out.write(first.reply_blobs[0])
-            offset = len(first.reply_blobs[0])
-            inflight: deque[Request] = deque()
-            nxt = offset
-            while offset < size:
-                while len(inflight) < window and nxt < size:
-                    inflight.append(self.send("fetch", {"job_id": job_id, "path": rel, "offset": nxt}))
-                    nxt += P.CHUNK_BYTES
-                r = inflight.popleft()
-                while not r.done:
-                    self.poll(0.05)
-                r.raise_for_error()
-                out.seek(r.body["offset"])
-                out.write(r.reply_blobs[0])
-                offset = r.body["offset"] + len(r.reply_blobs[0])
-                if not r.reply_blobs[0]:
-                    break
-        os.replace(tmp, dest)
-        return dest
+    def fetch(self, job_id: str, rel: str, dest: str | Path) -> Path:
+        """Download one file of a finished job's output folder to ``dest`` (resumable)."""
+        from . import remote
+        try:
+            remote.fetch_file(self, job_id, rel, os.fspath(dest))
+        except remote.TransferError as e:
+            raise ServiceError(e.code, e.message, e.detail) from None
+        return Path(dest)
 
     def download_result(self, job_id: str, dest_dir: str | Path,
-                        prefixes: Sequence[str] = ("atlas/", "report.json", "config.toml")) -> list[Path]:
-        """Fetch the files of a finished job whose paths start with one of ``prefixes``."""
+                        prefixes: Sequence[str] = ("atlas/", "report.json", "config.toml"),
+                        progress: Any = None, cancel: Any = None) -> list[Path]:
+        """Fetch the files of a finished job whose paths start with one of ``prefixes`` into
+        ``dest_dir`` (resumable, checked against the backend's sha256)."""
+        from . import remote
         res = self.result(job_id)
-        out = []
-        for f in res["files"]:
-            if any(f["path"].startswith(p) for p in prefixes):
-                out.append(self.fetch(job_id, f["path"], Path(dest_dir) / f["path"]))
-        return out
+        try:
+            got = remote.download(self, job_id, remote.select(res["files"], prefixes), os.fspath(dest_dir),
+                                  progress, cancel)
+        except remote.TransferError as e:
+            raise ServiceError(e.code, e.message, e.detail) from None
+        return [Path(p) for p in got]
 
 
 def is_error(req: Request, code: str | None = None) -> bool:

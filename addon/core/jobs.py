@@ -30,7 +30,7 @@ ACTIVE_STATES = ("queued", "running", "cancelling")
 STATE_LABELS = {
     "queued": "Queued", "running": "Running", "cancelling": "Cancelling",
     "done": "Done", "failed": "Failed", "cancelled": "Cancelled",
-    "submitting": "Submitting", "lost": "Unknown to backend",
+    "submitting": "Submitting", "lost": "Unknown to backend", "uploading": "Uploading",
 }
 
 PHASE_LABELS = {
@@ -182,6 +182,7 @@ class Session:
         self._result_pending: set[str] = set()
         self._hello_req: Any = None
         self.changes: list[Change] = []
+        self.force_curve = False  # CURVE on a loopback endpoint too (an SSH tunnel, `serve --curve`)
 
     # -------------------------------------------------------------- client
     def _make_client(self) -> Any:
@@ -189,10 +190,13 @@ class Session:
         from .signing import KeyFileError
 
         curve = None
-        if self.keys_dir and not P.is_loopback_endpoint(self.endpoint):
+        if self.keys_dir and (self.force_curve or not P.is_loopback_endpoint(self.endpoint)):
             try:
                 curve = CurveKeys.from_dir(self.keys_dir)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
+                if self.force_curve:  # asked for (an SSH tunnel, a --curve server): say what is missing
+                    raise SessionError("key_missing", f"CURVE is on but the keys folder lacks a certificate: {e}",
+                                       "Copy server.key and client.key_secret from the backend machine") from None
                 curve = None  # the server says so if it needs CURVE
         try:
             factory = self._factory or Client
@@ -219,10 +223,11 @@ class Session:
         self.client = None
         self.conn = Connection()
 
-    def reconfigure(self, endpoint: str, keys_dir: Optional[str]) -> None:
-        if endpoint != self.endpoint or (keys_dir or None) != self.keys_dir:
+    def reconfigure(self, endpoint: str, keys_dir: Optional[str], force_curve: Optional[bool] = None) -> None:
+        curve = self.force_curve if force_curve is None else bool(force_curve)
+        if endpoint != self.endpoint or (keys_dir or None) != self.keys_dir or curve != self.force_curve:
             self.close()
-            self.endpoint, self.keys_dir = endpoint, keys_dir or None
+            self.endpoint, self.keys_dir, self.force_curve = endpoint, keys_dir or None, curve
 
     def _set_conn(self, state: str, message: str = "", hint: str = "") -> None:
         if (state, message) != (self.conn.state, self.conn.message):

@@ -45,6 +45,7 @@ MAX_FRAMES = 3 + MAX_BLOBS  # magic, signature, header, blobs
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024 * 1024  # one upload session (all files)
 MAX_UPLOAD_FILES = 20_000
 MAX_PATH_LEN = 4096
+MAX_PROBE_BYTES = 4096  # the shared-files probe reads at most this much
 SIGNATURE_BYTES = 32
 REPLAY_WINDOW_S = 120.0  # a request's ts must be within this of the server's clock
 HEARTBEAT_S = 2.0  # server -> watching clients
@@ -80,6 +81,7 @@ ERROR_CODES = {
     "worker_crashed": "the worker process died without reporting",
     "internal": "a bug or an unexpected failure in the backend (see its log)",
     "shutting_down": "the backend is shutting down",
+    "quota_exceeded": "an upload would take more of the backend's disk than its per-job or store quota allows",
     # client-side only
     "unreachable": "the backend did not answer (not running, wrong endpoint, firewall, wrong keys)",
     "timeout": "a blocking call gave up waiting",
@@ -193,6 +195,15 @@ def _sha256_check(v: str) -> str:
     return "" if len(v) == 64 and all(c in "0123456789abcdef" for c in v) else "must be 64 hex digits"
 
 
+def _hashes_check(v: list) -> str:
+    if len(v) > MAX_ARRAY_LEN:
+        return f"at most {MAX_ARRAY_LEN} digests"
+    for x in v:
+        if not isinstance(x, str) or _sha256_check(x):
+            return "must be a list of sha256 digests (64 hex digits)"
+    return ""
+
+
 def _job_ids_check(v: list) -> str:
     if len(v) > 1024:
         return "at most 1024 ids"
@@ -285,7 +296,22 @@ REQUESTS: dict[str, dict[str, tuple]] = {
         "name": (_STR, False, None),
         "watch": (_BOOL, False, None),
     },
-    "upload_begin": {"size": (_INT, True, _nonneg), "files": (_INT, False, _nonneg)},
+    "upload_begin": {"size": (_INT, True, _nonneg), "files": (_INT, False, _nonneg),
+                     "linked": (_INT, False, _nonneg)},  # bytes placed from the blob store (upload_link)
+    # which of these sha256 digests the backend's blob store holds (content already there)
+    "upload_have": {"hashes": (_LIST, True, _hashes_check)},
+    # place a file the blob store holds (by digest) into an upload, instead of sending it
+    "upload_link": {
+        "upload_id": (_STR, True, _id_check),
+        "path": (_STR, True, _relpath_check),
+        "sha256": (_STR, True, _sha256_check),
+    },
+    # where an upload stands (after a reconnect): bytes received in all, and of `path`
+    "upload_status": {"upload_id": (_STR, True, _id_check), "path": (_STR, False, _relpath_check)},
+    "upload_abort": {"upload_id": (_STR, True, _id_check)},  # drop an unfinished upload now
+    # can the backend read `path` (a small file the client just wrote) with this content?
+    # no: the two machines do not share files, and the client uploads what a job needs
+    "probe": {"path": (_STR, True, _path_check), "sha256": (_STR, True, _sha256_check)},
     "upload": {
         "upload_id": (_STR, True, _id_check),
         "path": (_STR, True, _relpath_check),
@@ -341,7 +367,8 @@ PUSHES = ("progress", "job", "heartbeat")
 
 # Requests that do not change state, exempt from the timestamp window so that a
 # client can learn the server's clock (and its skew) with its first hello.
-READ_ONLY = frozenset({"hello", "ping", "status", "list", "result", "fetch", "watch"})
+READ_ONLY = frozenset({"hello", "ping", "status", "list", "result", "fetch", "watch", "upload_have",
+                       "upload_status", "probe"})
 CLOCK_EXEMPT = frozenset({"hello", "ping"})
 # Requests that carry raw blobs: kind -> number of blobs required.
 BLOBS_REQUIRED = {"upload": 1}

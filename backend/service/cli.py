@@ -25,6 +25,19 @@ from ..cli_options import shared_options, sub_parsers
 EXIT_OK, EXIT_ARGS, EXIT_UNREACHABLE, EXIT_ERROR, EXIT_CANCELLED = 0, 2, 3, 4, 5
 
 
+def _bytes(text: str) -> int:
+    """'20G', '512M', '1000000' -> bytes (K/M/G/T are powers of 1024)."""
+    t = text.strip().upper().rstrip("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20G, 512M)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("a size is >= 0")
+    return int(n * mult)
+
+
 def add_commands(subparsers) -> None:
     # ------------------------------------------------------------------ serve
     s = subparsers.add_parser("serve", help="run the job server (ZeroMQ ROUTER)",
@@ -42,6 +55,10 @@ def add_commands(subparsers) -> None:
                    help="a folder clients may read clips/edits from (repeatable); default on "
                         "loopback: the workspace and your home folder; otherwise only the workspace")
     s.add_argument("--curve", action="store_true", help="require CURVE encryption even on loopback")
+    s.add_argument("--job-quota", type=_bytes, default=0, metavar="SIZE",
+                   help="most bytes one job's uploaded files may take, e.g. 20G (default: no quota)")
+    s.add_argument("--store-quota", type=_bytes, default=0, metavar="SIZE",
+                   help="most bytes the store of uploaded content may keep, e.g. 200G (default: the disk)")
     s.add_argument("--no-device-probe", action="store_true", help="do not query torch for the device")
     s.add_argument("--log-level", default="INFO")
     add_executor_arguments(s)
@@ -78,6 +95,21 @@ def add_commands(subparsers) -> None:
     sb.add_argument("--name", default=None)
     sb.add_argument("--upload", action="store_true", help="send the clip over the wire (remote backend)")
     sb.add_argument("--wait", action="store_true", help="wait for the job and print its final state")
+    rd = cadd("render", help="re-render a finished decomposition with edited atlases")
+    rd.add_argument("job_id", help="the decomposition job")
+    rd.add_argument("--edit", action="append", default=[], required=True, metavar="LAYER=PNG",
+                    help="an edited atlas (RGBA PNG) for a layer (repeatable)")
+    rd.add_argument("--mode", choices=("delta", "replace"), default="delta")
+    rd.add_argument("--frames", default=None, metavar="START:STOP")
+    rd.add_argument("--format", action="append", default=[], choices=("png", "mp4", "exr"),
+                    help="output format (repeatable; default png)")
+    rd.add_argument("--token", default=None, help="idempotency token (resubmitting returns the same job)")
+    rd.add_argument("--name", default=None)
+    rd.add_argument("--upload", action="store_true",
+                    help="send the edit images over the wire (remote backend; only what the backend lacks)")
+    rd.add_argument("--download", type=Path, default=None,
+                    help="wait, then fetch the rendered frames into this folder (resumable)")
+    rd.add_argument("--wait", action="store_true", help="wait for the job and print its final state")
     cc = cadd("cancel", help="cancel a job")
     cc.add_argument("job_id")
     w = cadd("wait", help="wait until a job finishes")
@@ -86,6 +118,9 @@ def add_commands(subparsers) -> None:
     r = cadd("result", help="output files of a finished job")
     r.add_argument("job_id")
     r.add_argument("--download", type=Path, default=None, help="fetch atlases/report into this folder")
+    r.add_argument("--files", action="append", default=[], metavar="PREFIX",
+                   help="with --download: paths starting with PREFIX (repeatable; default atlas/, "
+                        "report.json, config.toml; '' for everything, e.g. maps/ for the live preview)")
     d = cadd("delete", help="delete a finished or queued job and its files")
     d.add_argument("job_id")
     cadd("shutdown", help="stop the backend (a running job resumes on restart)")
@@ -172,7 +207,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(ServerOptions(
         workspace=args.workspace, endpoint=args.endpoint, keys_dir=args.keys,
         parent_pid=args.parent_pid, allow_roots=list(args.allow_root), curve=args.curve,
-        probe_device=not args.no_device_probe, executor=executor))
+        probe_device=not args.no_device_probe, executor=executor,
+        job_quota=args.job_quota, store_quota=args.store_quota))
 
 
 # ----------------------------------------------------------------------- keys
@@ -292,6 +328,27 @@ def _run_client(client, args: argparse.Namespace) -> int:
         if args.wait:
             return _final(client.wait(job_id, on_event=_progress_line))
         _print({"job_id": job_id})
+    elif cmd == "render":
+        edits = {}
+        for item in args.edit:
+            layer, sep, path = item.partition("=")
+            if not sep or not layer.strip().isdigit() or not path:
+                raise ValueError(f"--edit takes LAYER=PNG, got {item!r}")
+            edits[int(layer)] = path if args.upload else os.path.abspath(path)
+        fr = None
+        if args.frames:
+            a, _, b = args.frames.partition(":")
+            fr = (int(a), int(b))
+        job_id = client.render(args.job_id, edits, mode=args.mode, frame_range=fr,
+                               formats=args.format or ["png"], token=args.token, name=args.name,
+                               upload=args.upload)
+        if args.wait or args.download:
+            info = client.wait(job_id, on_event=_progress_line)
+            if info.get("state") == "done" and args.download:
+                got = client.download_result(job_id, args.download, prefixes=("",))
+                _print({"downloaded": len(got), "folder": str(args.download)})
+            return _final(info)
+        _print({"job_id": job_id})
     elif cmd == "cancel":
         _print({"job_id": args.job_id, "state": client.cancel(args.job_id)})
     elif cmd == "wait":
@@ -299,7 +356,8 @@ def _run_client(client, args: argparse.Namespace) -> int:
     elif cmd == "result":
         res = client.result(args.job_id)
         if args.download:
-            res["downloaded"] = [str(p) for p in client.download_result(args.job_id, args.download)]
+            kw = {"prefixes": tuple(args.files)} if args.files else {}
+            res["downloaded"] = [str(p) for p in client.download_result(args.job_id, args.download, **kw)]
         _print(res)
     elif cmd == "delete":
         client.delete(args.job_id)

@@ -68,6 +68,8 @@ class ServerOptions:
     probe_device: bool = True
     heartbeat_s: float = P.HEARTBEAT_S
     cancel_grace_s: float = CANCEL_GRACE_S
+    job_quota: int = 0  # bytes one job's upload may hold on disk (0: the protocol's limit)
+    store_quota: int = 0  # bytes the blob store of uploaded content may hold (0: the disk)
     executor: ExecutorOptions = field(default_factory=ExecutorOptions)
 
 
@@ -137,7 +139,8 @@ class Server:
         self.runner = JobRunner(self.store, self.executor, self.pushes, cancel_grace_s=self.opts.cancel_grace_s,
                                 max_lost=self.opts.executor.max_lost, on_end=self._job_ended)
         self.runner.recover()
-        self.transfers = Transfers(ws, self.store, self.roots)
+        self.transfers = Transfers(ws, self.store, self.roots, job_quota=self.opts.job_quota,
+                                   store_quota=self.opts.store_quota)
         self._handlers = {**JobHandlers(self).handlers(), **self.transfers.handlers()}
         missing = set(P.REQUESTS) - set(self._handlers)
         assert not missing, f"requests without a handler: {missing}"

@@ -83,3 +83,18 @@ def write_png(path, rgba):
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
                 + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_decompose_headless_with_files_remote(tmp_path, zip_path, clip):
+    """--files remote: the clip and masks are uploaded, the atlases land in the workspace."""
+    ws = str(tmp_path / "ws")
+    backend = ["--start-backend", BACKEND_PY, "--backend-args", f"-m backend serve --allow-root {TMP}",
+               "--workspace", ws, "--addon-zip", zip_path, "--files", "remote"]
+    code, out, r = run(["decompose", os.path.join(clip, "video_frames"), "--masks", os.path.join(clip, "masks"),
+                        "--preset", "demo", "--overrides", tiny_overrides(iterations=5),
+                        "--endpoint", f"tcp://127.0.0.1:{free_port()}", *backend], str(tmp_path))
+    assert code == 0, r.stderr[-3000:]
+    atlases = out["outputs"]["atlases"]
+    assert len(atlases) == 2 and all(a.startswith(os.path.join(ws, "downloads")) and os.path.isfile(a)
+                                     for a in atlases)
+    assert "upload done" in r.stdout and "download done" in r.stdout

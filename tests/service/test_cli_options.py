@@ -14,7 +14,7 @@ from backend.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 
 CLIENT_SUBS = {"hello": [], "status": [], "list": [], "submit": ["CLIP"], "cancel": ["J"], "wait": ["J"],
-               "result": ["J"], "delete": ["J"], "shutdown": []}
+               "result": ["J"], "delete": ["J"], "shutdown": [], "render": ["J", "--edit", "0=e.png"]}
 # option, value typed, the parsed value, the default
 CLIENT_OPTS = [("--endpoint", "tcp://127.0.0.1:7", "tcp://127.0.0.1:7", None),
                ("--workspace", "/w", Path("/w"), None), ("--keys", "/k", Path("/k"), None),
@@ -64,7 +64,8 @@ BATCH_OPTS = [("--endpoint", "tcp://e:1", "tcp://e:1", None), ("--keys", "/k", "
                                                        "-m backend serve --x", "-m backend serve"),
               ("--workspace", "/w", "/w", None), ("--addon-zip", "a.zip", "a.zip", None),
               ("--timeout", "12", 12.0, 0.0), ("--save", "o.blend", "o.blend", None),
-              ("--keep-backend", None, True, False)]
+              ("--keep-backend", None, True, False), ("--files", "remote", "remote", None),
+              ("--curve", None, True, False)]
 
 
 @pytest.mark.parametrize("cmd", [["decompose", "CLIP"], ["render", "--blend", "in.blend"]], ids=["decompose", "render"])
