@@ -437,8 +437,10 @@ class Trainer:
 
         total = self.horizon if iterations is None else iterations
         st = self.state
-        self.progress(Progress("train", iteration=st.iteration, iterations=total,
-                               message="[schedule] " + self.plan.reason()))
+        # the plan is said up front; phases never go back (docs/protocol.md), so before the
+        # pretraining it is said in that phase
+        self.progress(Progress("train" if st.pretrained else "pretrain", iteration=st.iteration,
+                               iterations=total, message="[schedule] " + self.plan.reason()))
         if not st.pretrained:
             self.progress(Progress("pretrain", message="mapping pretraining"))
             self.pretrain()

@@ -30,9 +30,17 @@ class Raw:
         return self.codec.encode(P.make_header(kind, body, **hdr), blobs)
 
     def recv(self, timeout: float = 15.0):  # generous: only a missing reply waits this long
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        return self.codec.decode(self.sock.recv_multipart())
+        """The next message that is not a heartbeat push (a session that said hello gets one
+        every few seconds, which a slow machine sees between a request and its reply)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                return None
+            msg = self.codec.decode(self.sock.recv_multipart())
+            if msg is not None and msg.kind == "heartbeat" and msg.re is None:
+                continue
+            return msg
 
     def ask(self, frames: list[bytes], timeout: float = 15.0):
         self.sock.send_multipart(frames)
