@@ -16,7 +16,9 @@ PRESET_ITEMS = [
     ("demo", "Demo", "Small model for a quick CPU preview (minutes on a laptop)"),
     ("fast", "Fast", "Tuned for a GPU: minutes per shot, larger hash tables, learning-rate decay"),
     ("seed", "Reference", "The reference implementation's settings (50k iterations)"),
-    ("quality", "Quality", "Longer training at a larger batch: final renders"),
+    ("cpu", "CPU", "Real footage on a computer without a GPU: a small model at 256 px, trained for the shot's size"),
+    ("quality", "Quality", "GPU, final renders: atlases fitted to each layer, trained for the shot's size; "
+                           "bound the time with a budget"),
 ]
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 

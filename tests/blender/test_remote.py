@@ -42,6 +42,13 @@ def _keys() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def backend(na, clip):
+    import bpy
+
+    # the preferences this module changes go back as they were: later modules (test_setup,
+    # test_shell) expect a plain local backend, not CURVE on loopback with REMOTE files
+    prefs = bpy.context.preferences.addons[ADDON_MODULE].preferences
+    saved = {k: getattr(prefs, k) for k in ("endpoint", "start_local", "keys_dir", "use_curve",
+                                            "workspace", "files_mode")}
     server_keys, client_keys = _keys()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     log = open(os.path.join(TMP, "remote_backend.log"), "ab")
@@ -57,6 +64,8 @@ def backend(na, clip):
     na.blender.runtime.reset()
     os.killpg(proc.pid, 9)
     proc.wait(10)
+    for k, v in saved.items():
+        setattr(prefs, k, v)
 
 
 def _open(na, backend, workspace: str, mode: str):
