@@ -29,6 +29,18 @@ from .synthetic import alpha_iou, make_synthetic_clip, mark_drift, paint_disc
 MARK_COLOURS = [(1.0, 0.1, 0.9), (0.1, 1.0, 0.2), (0.1, 0.4, 1.0)]
 
 
+#: Largest radius of a yardstick's mark on screen. The mark is a brush dab: 3 % of the long side at
+#: the demo's 128 px (3.8 px), at most 8 px at any size. A mark of 3 % at 1080p (58 px) measures the
+#: mapping's curvature across the mark, not drift: its centroid moved 1 px off the painted point in
+#: the painted frame itself (docs/benchmarks.md, "Demo at 1080p").
+MAX_MARK_RADIUS_PX = 8.0
+
+
+def mark_radius_px(width: int, height: int) -> float:
+    """On-screen radius of the yardsticks' marks for a clip of this size."""
+    return min(MAX_MARK_RADIUS_PX, max(2.0, 0.03 * max(width, height)))
+
+
 class NoReferencePixel(ValueError):
     """A layer has no pixel in view in the frame asked for."""
 
@@ -99,6 +111,7 @@ def measure_layer(result_dir: Path, scene, layer: int, t_ref: int, radius_px: fl
     edited = np.stack([r.frame(f) for f in range(r.n_frames)])
     d = mark_drift(original, edited, expected, visible, mark_color=colour)
     d.update({"layer": layer, "reference_frame": t_ref, "reference_pixel": [x, y],
+              "reference_frame_px": d["per_frame_px"][t_ref],  # off the painted point where it was painted
               "atlas_uv": uv0.tolist(), "radius_texels": radius_texels, "radius_px": radius_px})
     return d
 
@@ -112,7 +125,7 @@ def measure(result_dir: str | Path, clip_dir: str | Path, device: str = "cpu") -
     if bake.n_layers != scene.n_layers:
         raise ValueError(f"{result_dir} has {bake.n_layers} layers, the ground truth {scene.n_layers}")
     t_ref = scene.clip.n_frames // 2  # preferred; a layer out of view there uses the nearest frame
-    radius_px = max(2.0, 0.03 * max(scene.clip.width, scene.clip.height))  # 3.8 px at 128 px
+    radius_px = mark_radius_px(scene.clip.width, scene.clip.height)
     marks = [measure_layer(Path(result_dir), scene, k, t_ref, radius_px, MARK_COLOURS[k % len(MARK_COLOURS)],
                            device) for k in range(scene.n_layers)]
     fg = [np.asarray(bake.alpha(k), np.float32) for k in range(scene.n_objects)]
@@ -154,7 +167,7 @@ def measure_frame_paint(result_dir: str | Path, clip_dir: str | Path, work_dir: 
     bake = load_bake(result_dir)
     t_ref = scene.clip.n_frames // 2
     H, W = scene.clip.height, scene.clip.width
-    radius_px = max(2.0, 0.03 * max(W, H))
+    radius_px = mark_radius_px(W, H)
     marks = []
     for k in range(scene.n_layers):
         colour = MARK_COLOURS[k % len(MARK_COLOURS)]
