@@ -168,16 +168,20 @@ def run_notice(cfg: Config, preset_name: Optional[str], preset_given: bool) -> O
     else:
         line = (f"[plan] {what}: {t.iterations:,} iterations of {t.batch_size:,} samples on {where}, "
                 f"roughly {_fmt_duration(est)} of training")
-    faster = "demo" if kind == "cpu" else "fast"
-    long = est > _LONG_S and preset_name != faster
+    faster = "cpu" if kind == "cpu" else "fast"
+    long = est > _LONG_S and preset_name not in (faster, "demo")
     if long or (not preset_given and preset_name != faster):
         other = preset(faster).train
-        other_s = other.iterations * other.batch_size / rate
-        why = "a small model for CPUs" if faster == "demo" else "tuned for time to quality on a GPU"
-        line += (f"; --preset {faster} ({why}, {other.iterations:,} iterations) takes roughly "
-                 f"{_fmt_duration(other_s)} (docs/config.md)")
+        if faster == "cpu":  # its length comes from the shot: say how to bound it
+            line += (f"; --preset cpu (real footage on a CPU: a small model, {other.samples_per_pixel:g} "
+                     f"samples/pixel of the shot at long edge {preset('cpu').clip.long_edge}) with e.g. "
+                     f"--budget 10m (docs/config.md)")
+        else:
+            other_s = other.iterations * other.batch_size / rate
+            line += (f"; --preset fast (tuned for time to quality on a GPU, {other.iterations:,} iterations) "
+                     f"takes roughly {_fmt_duration(other_s)} (docs/config.md)")
     elif not preset_given:
-        line += "; pick one with --preset seed|fast|quality|demo (docs/config.md)"
+        line += "; pick one with --preset seed|fast|quality|cpu|demo (docs/config.md)"
     return line if (long or not preset_given) else None
 
 

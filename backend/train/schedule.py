@@ -44,6 +44,12 @@ PRETRAIN_SHARE = 0.1
 #: the 2-core machine took 71 s for tennis at long edge 256 (70 frames) under load.
 EXPORT_S_PER_PIXEL_FRAME = {"cuda": 5.5e-8, "cpu": 2.7e-5, "mps": 2e-6}
 EXPORT_S_PER_LAYER = {"cuda": 2.0, "cpu": 3.0, "mps": 3.0}
+#: On a CPU the export's speed follows the machine's load as the training step's does, so once
+#: the step time is measured the estimate scales from it: the export evaluates every pixel of
+#: every frame once, forward only, at this fraction of a training step's cost per sample. The
+#: 2-core machine, quiet: tennis at 256 (2.6 M pixel-frames) exported in 24 s at 166 ms per step of
+#: 2,048 samples (0.07 beside 6 s for the atlases; 0.10 keeps a margin).
+EXPORT_STEP_FRACTION = 0.10
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -182,10 +188,16 @@ def budget_iterations(done: int, target: int, step_s: float, seconds_left: float
     return int(max(done, min(target, done + more)))
 
 
-def estimate_export_s(width: int, height: int, frames: int, layers: int, device_type: str) -> float:
+def estimate_export_s(width: int, height: int, frames: int, layers: int, device_type: str,
+                      step_s: Optional[float] = None, batch_size: int = 0) -> float:
+    """Seconds the export will take. On a CPU with the measured step time (``step_s`` for
+    ``batch_size`` samples) it scales from that (``EXPORT_STEP_FRACTION``), so a quiet machine is
+    not charged a loaded one's export; otherwise from the per-pixel constants."""
     kind = device_type if device_type in EXPORT_S_PER_PIXEL_FRAME else "cpu"
-    return (EXPORT_S_PER_PIXEL_FRAME[kind] * width * height * frames * max(layers, 1) / 2.0
-            + EXPORT_S_PER_LAYER[kind] * max(layers, 1))
+    fixed = EXPORT_S_PER_LAYER[kind] * max(layers, 1)
+    if kind == "cpu" and step_s and batch_size > 0:
+        return EXPORT_STEP_FRACTION * width * height * frames / batch_size * step_s + fixed
+    return EXPORT_S_PER_PIXEL_FRAME[kind] * width * height * frames * max(layers, 1) / 2.0 + fixed
 
 
 def budget_margin_s(budget_s: float) -> float:

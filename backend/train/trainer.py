@@ -494,8 +494,10 @@ class Trainer:
         if not timer.armed and not p.replans:
             timer.arm(it - 1)
         g = self.geom
-        export_s = S.estimate_export_s(g.width, g.height, g.n_frames, self.n_layers, self.device.type)
         step_s = timer.tick(it, lambda: (self._sync(), time.perf_counter())[1])
+        known = step_s if step_s is not None else (p.step_ms / 1e3 if p.step_ms else None)
+        export_s = S.estimate_export_s(g.width, g.height, g.n_frames, self.n_layers, self.device.type,
+                                       known, self.cfg.train.batch_size)
         left = self.deadline - time.perf_counter() - export_s - S.budget_margin_s(p.budget_s)
         if step_s is None:
             if left > 0:

@@ -13,11 +13,11 @@ from backend.config import preset
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_default_preset_on_cpu_names_the_cpu_preset():
+def test_default_preset_on_cpu_names_the_cpu_preset_and_how_to_bound_it():
     line = run_notice(preset("seed").replace(train={"device": "cpu"}), "seed", preset_given=False)
     assert line.startswith("[plan] preset seed (the default") and "\n" not in line
     assert "50,000 iterations" in line and "on cpu" in line and "roughly" in line and " h " in line
-    assert "--preset demo" in line
+    assert "--preset cpu" in line and "--budget" in line
 
 
 def test_default_preset_on_gpu_names_fast_and_a_chosen_quick_run_says_nothing():
@@ -27,7 +27,7 @@ def test_default_preset_on_gpu_names_fast_and_a_chosen_quick_run_says_nothing():
     assert run_notice(preset("fast").replace(train={"device": "cuda"}), "fast", preset_given=True) is None
     # chosen explicitly but long for the device: still said, with the faster preset
     long = run_notice(preset("seed").replace(train={"device": "cpu"}), "seed", preset_given=True)
-    assert long and "50,000 iterations" in long and "--preset demo" in long
+    assert long and "50,000 iterations" in long and "--preset cpu" in long
     # a schedule derived from the shot says so (its length is known once the clip is loaded)
     derived = run_notice(preset("quality").replace(train={"device": "cuda", "budget_s": 300.0}), "quality", False)
     assert "iterations from the shot's size (150 samples/pixel" in derived and "budget of 5 min" in derived
@@ -51,7 +51,7 @@ def test_decompose_prints_the_plan_before_anything_else(tmp_path):
                        timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert lines[0].startswith("[plan] preset seed (the default") and "--preset demo" in lines[0]
+    assert lines[0].startswith("[plan] preset seed (the default") and "--preset cpu" in lines[0]
     assert lines[-1].startswith("error: ")
     q = subprocess.run([sys.executable, "-m", "backend", "decompose", str(tmp_path / "nope"), "--out",
                         str(tmp_path / "o"), "--device", "cpu", "--quiet"], cwd=ROOT, capture_output=True,

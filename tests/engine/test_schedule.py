@@ -50,6 +50,18 @@ def test_budget_caps_iterations_and_stops_never_restart():
     assert S.estimate_export_s(1920, 1080, 100, 2, "cuda") == pytest.approx(15.4, abs=0.1)
 
 
+def test_cpu_export_estimate_follows_the_measured_step():
+    # tennis at 256 x 70 frames, 2 layers: before the step is measured, the per-pixel constant
+    static = S.estimate_export_s(256, 146, 70, 2, "cpu")
+    assert S.estimate_export_s(256, 146, 70, 2, "cpu", None, 2048) == static
+    quiet = S.estimate_export_s(256, 146, 70, 2, "cpu", 0.166, 2048)
+    loaded = S.estimate_export_s(256, 146, 70, 2, "cpu", 6 * 0.166, 2048)
+    assert 24.0 <= quiet <= 40.0  # a quiet 2-core machine exported this shot in 24 s
+    assert loaded - 6.0 == pytest.approx(6 * (quiet - 6.0))  # the per-sample part scales with the step
+    # the GPU estimate does not depend on the step (its export is bound by the frame writers)
+    assert S.estimate_export_s(1920, 1080, 100, 2, "cuda", 0.0137, 40_000) == S.estimate_export_s(1920, 1080, 100, 2, "cuda")
+
+
 @pytest.mark.parametrize("text,seconds", [("10m", 600), ("90s", 90), ("1h", 3600), ("1h30m", 5400),
                                           ("2.5m", 150), ("45", 45), ("0", 0), ("none", 0)])
 def test_parse_budget(text, seconds):
