@@ -247,6 +247,17 @@ class Config:
 PRESETS = ("seed", "demo", "fast", "quality", "cpu")
 
 
+def _small_cpu_model(cfg: Config) -> None:
+    """What the CPU presets (``cpu``, ``demo``) share: the 64-wide mapping MLP, rates of 1e-3 for
+    every MLP, a short mapping pretraining and a progress line every 100 iterations."""
+    cfg.model.mapping_width = 64
+    cfg.train.pretrain_iterations = 10
+    cfg.train.pretrain_batch_size = 2048
+    cfg.train.log_every = 100
+    cfg.train.mlp_lr = 1e-3
+    cfg.train.mapping_lr = 1e-3
+
+
 def preset(name: str) -> Config:
     """Named starting points. ``seed`` is the reference configuration.
 
@@ -298,8 +309,8 @@ def preset(name: str) -> Config:
         # 64-wide mapping, 12-level grids with larger tables and a finer finest texture level, a
         # 2k batch for a number of samples per pixel (use --budget to bound the time), a cheap
         # export (512^2 atlases, no videos or EXR maps: `render DIR` / `render DIR --maps` add them)
+        _small_cpu_model(cfg)
         cfg.clip.long_edge = 256
-        cfg.model.mapping_width = 64
         cfg.model.texture_grid = GridConfig(n_levels=12, log2_hashmap_size=16, base_resolution=16,
                                             per_level_scale=1.4)
         cfg.model.xyt_grid = GridConfig(n_levels=12, log2_hashmap_size=16, base_resolution=4,
@@ -309,12 +320,7 @@ def preset(name: str) -> Config:
         cfg.train.min_iterations = 300
         cfg.train.max_iterations = 20_000
         cfg.train.batch_size = 2048
-        cfg.train.pretrain_iterations = 10
-        cfg.train.pretrain_batch_size = 2048
         cfg.train.checkpoint_every = 500
-        cfg.train.log_every = 100
-        cfg.train.mlp_lr = 1e-3
-        cfg.train.mapping_lr = 1e-3
         cfg.train.lr_schedule = "cosine"
         cfg.losses.alpha_bootstrapping_stop = 800
         cfg.losses.global_rigidity_stop = 400
@@ -324,20 +330,15 @@ def preset(name: str) -> Config:
     elif name == "demo":
         # the 2-core CPU demo (docs/deviations.md): a narrower mapping MLP, 8-level grids,
         # 1k batch, 400 iterations with the schedules scaled to them, 256^2 atlases
+        _small_cpu_model(cfg)
         cfg.clip.long_edge = 128
-        cfg.model.mapping_width = 64
         cfg.model.texture_grid = GridConfig(n_levels=8, log2_hashmap_size=14, base_resolution=8,
                                             per_level_scale=1.4)
         cfg.model.xyt_grid = GridConfig(n_levels=8, log2_hashmap_size=14, base_resolution=4,
                                         per_level_scale=1.4)
         cfg.train.iterations = 400
         cfg.train.batch_size = 1024
-        cfg.train.pretrain_iterations = 10
-        cfg.train.pretrain_batch_size = 2048
         cfg.train.checkpoint_every = 200
-        cfg.train.log_every = 100
-        cfg.train.mlp_lr = 1e-3
-        cfg.train.mapping_lr = 1e-3
         cfg.losses.alpha_bootstrapping_stop = 300
         cfg.losses.global_rigidity_stop = 150
         cfg.export.atlas_size = 256

@@ -323,16 +323,7 @@ def download(client: Any, job_id: str, files: Sequence[dict[str, Any]], dest_dir
     for f in files:
         _check(cancel)
         dest = safe_dest(dest_dir, f["path"])
-        for attempt in range(RETRIES + 1):
-            try:
-                _fetch(client, job_id, f["path"], dest, window, prog, cancel, budget)
-                break
-            except (TransferCancelled, TransferError):
-                raise
-            except Exception as e:  # noqa: BLE001
-                if getattr(e, "code", "") != "unreachable" or attempt == RETRIES:
-                    raise _as_error(e) from None
-                prog.resumed += 1
+        _fetch_retrying(client, job_id, f["path"], dest, window, prog, cancel, budget)
         prog.files_done += 1
         out.append(dest)
     return out
@@ -342,17 +333,24 @@ def fetch_file(client: Any, job_id: str, rel: str, dest: str, progress: Optional
                cancel: Any = None) -> str:
     """One file of a job's output to the path ``dest`` (resumable, checked)."""
     prog = progress or Progress(what="download")
+    _fetch_retrying(client, job_id, rel, os.path.abspath(dest), 4, prog, cancel, [None])
+    return dest
+
+
+def _fetch_retrying(client: Any, job_id: str, rel: str, dest: str, window: int, prog: Progress,
+                    cancel: Any, budget: list) -> None:
+    """``_fetch``, resumed from its ``.part`` file up to ``RETRIES`` times after a lost
+    connection (``unreachable``); any other failure is raised as a TransferError at once."""
     for attempt in range(RETRIES + 1):
         try:
-            _fetch(client, job_id, rel, os.path.abspath(dest), 4, prog, cancel, [None])
-            return dest
+            _fetch(client, job_id, rel, dest, window, prog, cancel, budget)
+            return
         except (TransferCancelled, TransferError):
             raise
         except Exception as e:  # noqa: BLE001
             if getattr(e, "code", "") != "unreachable" or attempt == RETRIES:
                 raise _as_error(e) from None
             prog.resumed += 1
-    return dest
 
 
 class _Interrupted(TransferError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,8 @@ ATLAS_CONVENTION = ("atlas image S x S covers u,v in [-1,1]; texel (row r, col c
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    from ..hostinfo import cpu_model
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
 
 
 def layer_names(clip: Clip) -> list[str]:

@@ -47,8 +47,8 @@ def probe() -> dict[str, Any]:
         info["error"] = f"GPU query failed: {e}"
     if info["type"] == "cpu":
         try:
-            import platform
-            info["name"] = platform.processor() or platform.machine() or "cpu"
+            from ..hostinfo import cpu_model
+            info["name"] = cpu_model()
             pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
             avail = os.sysconf("SC_AVPHYS_PAGES")
             info["memory_total"], info["memory_free"] = int(pages * size), int(avail * size)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from backend.synthetic.stickiness import measure_layer  # noqa: E402
+from backend.hostinfo import cpu_model as cpu_name  # noqa: E402
 
 
 def parse_presets(text: str) -> list[tuple[str, str, int | None]]:
@@ -77,16 +77,6 @@ def load_flow(path: Path) -> np.ndarray:
     if flow.ndim != 4 or flow.shape[-1] != 2:
         raise SystemExit(f"{path}: expected an array 'flow' (pairs, H, W, 2), got {flow.shape}")
     return flow.astype(np.float32)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt(v, spec=".3f"):

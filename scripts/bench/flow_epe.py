@@ -26,16 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from backend.clip import load_clip  # noqa: E402
 from backend.preprocess.flow import DIS_PRESETS, consistency_mask, dis_flow, to_uint8  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from backend.hostinfo import cpu_model as cpu_name  # noqa: E402
 
 
 def main() -> None:

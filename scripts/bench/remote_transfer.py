@@ -122,12 +122,7 @@ def main() -> int:
                       "masks_bytes": sum(p.stat().st_size for p in masks),
                       "decompose_wire_bytes": wire_bytes(up_files)}}
         res["wire"] = wire_check(a.clip, frames, masks, mask_dirs, work, res)
-        text = json.dumps(res, indent=1)
-        print(text)
-        if a.json:
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(text + "\n")
-        return 0
+        return report(res, a.json)
     py = sys.executable
     out = work / "decomposition"
     cmd = [py, "-m", "backend", "decompose", str(a.clip), "--out", str(out), "--preset", a.preset,
@@ -173,11 +168,16 @@ def main() -> int:
     res["per_frames"]["up_rerender"] = res["up"]["rerender_edit_bytes"]
     if a.wire:
         res["wire"] = wire_check(a.clip, frames, masks, mask_dirs, work, res)
+    return report(res, a.json)
+
+
+def report(res: dict, json_path: Path | None) -> int:
+    """Print the result as JSON and write it to ``json_path`` when given; exit status 0."""
     text = json.dumps(res, indent=1)
     print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
     return 0
 
 
