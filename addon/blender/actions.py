@@ -140,10 +140,16 @@ def decompose(scene: bpy.types.Scene, strip: bpy.types.Strip, *, preset: Optiona
     st.active_job = len(st.jobs) - 1
     if remote:  # the backend does not see this machine's files: upload them, then submit
         job.state = "uploading"
+        ranges = None
+        if info.kind == "IMAGE" and all(os.path.isdir(m) for m in masks or []):
+            # only the shot's own frames (and mask frames, cut the same way) travel; the backend
+            # reads them as frames 0 .. n - 1
+            ranges = [frame_range] * (1 + len(masks or []))
+            submit["frame_range"] = (0, frame_range[1] - frame_range[0])
         transfers.upload_then(token, strip.name, [source, *(masks or [])],
                               lambda srcs: _submitted(token, s.submit(srcs[0], masks=srcs[1:] or None,
                                                                       token=token, **submit)),
-                              lambda msg, hint: _failed(token, msg, hint))
+                              lambda msg, hint: _failed(token, msg, hint), ranges=ranges)
     runtime.note(f"submitted {strip.name} frames {src_range[0]}-{src_range[1] - 1}")
     return job
 

@@ -185,9 +185,11 @@ def reset() -> None:
 
 # ----------------------------------------------------------------- jobs
 def upload_then(key: str, label: str, paths: list[str], submit: Callable[[list[dict]], None],
-                on_fail: Callable[[str, str], None]) -> Task:
-    """Upload ``paths`` (files or folders) in one upload, then ``submit(sources)``."""
-    return start(key, label, "upload", lambda c, prog, stop: R.upload(c, paths, prog, stop), submit, on_fail)
+                on_fail: Callable[[str, str], None], ranges: Optional[list] = None) -> Task:
+    """Upload ``paths`` (files or folders; of frame folders only the frames of ``ranges``, see
+    ``core.remote.plan``) in one upload, then ``submit(sources)``."""
+    return start(key, label, "upload", lambda c, prog, stop: R.upload(c, paths, prog, stop, ranges=ranges),
+                 submit, on_fail)
 
 
 def download_dir(job_id: str) -> str:

@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import zmq
 
@@ -499,12 +499,14 @@ class Client:
                     out[i] = src
         return out
 
-    def upload_many(self, paths: Sequence[str | Path], progress: Any = None, cancel: Any = None) -> list[dict[str, str]]:
+    def upload_many(self, paths: Sequence[str | Path], progress: Any = None, cancel: Any = None,
+                    ranges: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> list[dict[str, str]]:
         """Send files and folders in one upload, only the content the backend lacks
-        (``remote.upload``); returns one source per path."""
+        (``remote.upload``; ``ranges``: of frame folders, only those frames); returns one
+        source per path."""
         from . import remote
         try:
-            return remote.upload(self, [os.fspath(p) for p in paths], progress, cancel)
+            return remote.upload(self, [os.fspath(p) for p in paths], progress, cancel, ranges=ranges)
         except remote.TransferError as e:
             raise ServiceError(e.code, e.message, e.detail) from None
 

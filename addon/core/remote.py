@@ -149,13 +149,37 @@ class UploadPlan:
     sources: list[dict[str, str]] = field(default_factory=list)  # one per input path
 
 
-def plan(paths: Sequence[str], cancel: Any = None) -> UploadPlan:
+FrameRange = Optional[tuple[int, int]]
+
+
+def frames_in_range(folder: str, frame_range: tuple[int, int]) -> list[tuple[str, str]]:
+    """(absolute path, name) of the frames ``[start, stop)`` of a frame folder, counted in the
+    order the backend reads them (``strips.list_frames``: image files in natural order)."""
+    from .strips import StripError, list_frames
+
+    a, b = int(frame_range[0]), int(frame_range[1])
+    try:
+        names = list_frames(folder)
+    except StripError as e:
+        raise TransferError("bad_request", str(e)) from None
+    if not 0 <= a < b <= len(names):
+        raise TransferError("bad_request", f"frames {a}-{b - 1} are not all in {folder} ({len(names)} frames)")
+    return [(os.path.join(folder, n), n) for n in names[a:b]]
+
+
+def plan(paths: Sequence[str], cancel: Any = None, ranges: Optional[Sequence[FrameRange]] = None) -> UploadPlan:
     """Every file under ``paths`` (a file or a folder each) as ``s<i>/<relative path>``
-    (without the ``s<i>/`` for a single path)."""
+    (without the ``s<i>/`` for a single path). ``ranges[i]`` (a frame folder's ``(start,
+    stop)``): only those frames of folder ``i`` go, so a shot cut from a long sequence sends its
+    own frames; the backend then reads them as frames ``0 .. stop - start - 1``."""
     out = UploadPlan()
     for i, path in enumerate(paths):
         path = os.path.abspath(os.fspath(path))
-        found = list(P.iter_files(path))
+        rng = ranges[i] if ranges and i < len(ranges) else None
+        if rng is not None and os.path.isdir(path):
+            found = frames_in_range(path, rng)
+        else:
+            found = list(P.iter_files(path))
         if not found:
             raise TransferError("bad_request", f"nothing to upload at {path}")
         pre = f"s{i}/" if len(paths) > 1 else ""
@@ -169,11 +193,12 @@ def plan(paths: Sequence[str], cancel: Any = None) -> UploadPlan:
 
 
 def upload(client: Any, paths: Sequence[str], progress: Optional[Progress] = None, cancel: Any = None,
-           *, window: int = 4) -> list[dict[str, str]]:
-    """Send what the backend lacks of ``paths``; returns one source ({"upload", "path"}) per path."""
+           *, window: int = 4, ranges: Optional[Sequence[FrameRange]] = None) -> list[dict[str, str]]:
+    """Send what the backend lacks of ``paths`` (of frame folders, only the frames of
+    ``ranges``: see ``plan``); returns one source ({"upload", "path"}) per path."""
     prog = progress or Progress()
     prog.what = prog.what or "upload"
-    p = plan(paths, cancel)
+    p = plan(paths, cancel, ranges)
     prog.total_bytes, prog.files = sum(f.size for f in p.files), len(p.files)
     digests = sorted({f.sha for f in p.files})
     have: set[str] = set()

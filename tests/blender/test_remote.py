@@ -84,6 +84,8 @@ def _open(na, backend, workspace: str, mode: str):
     B.vse.fit_scene_to_strip(scene, strip, (64, 36))
     st = B.props.settings(scene)
     st.mask_mode, st.mask_folder = "FOLDER", os.path.join(backend["clip"], "masks")
+    # a shot cut from the sequence: source frames 1-7 of 0-7 (a remote backend gets only these)
+    scene.frame_start, st.use_scene_range = 2, True
     return scene
 
 
@@ -167,8 +169,12 @@ def test_remote_backend_equals_shared_filesystem_bit_for_bit(na, backend):
         if img.filepath:
             assert not os.path.realpath(img.filepath).startswith(os.path.realpath(BACKEND_WS)), img.filepath
     up, down = remote["moved"]
-    clip_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(backend["clip"], "video_frames", "*")))
-    assert up.what == "upload" and up.total_bytes >= clip_bytes and up.sent_bytes <= up.total_bytes
+    in_range = sorted(glob.glob(os.path.join(backend["clip"], "video_frames", "*.png")))[1:]
+    mask_frames = sorted(glob.glob(os.path.join(backend["clip"], "masks", "*", "*.png")))[1:]
+    assert len(in_range) == len(mask_frames) == 7
+    # only the shot's frames and mask frames travel, not the whole sequence
+    assert up.what == "upload" and up.files == 14 and up.sent_bytes <= up.total_bytes
+    assert up.total_bytes == sum(os.path.getsize(p) for p in in_range + mask_frames)
     assert down.what == "download" and down.sent_bytes > 0 and os.path.isfile(
         os.path.join(remote["out_dir"], "maps", "meta.json"))
     # bit for bit: atlases and both renders

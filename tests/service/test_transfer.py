@@ -257,3 +257,32 @@ def test_stalled_upload_resumes_after_reconnect(server, tmp_path):
     job = c2.call("submit", {"source": src, "preset": "demo", "overrides": fast(5, 5), "token": P.new_id()})["job_id"]
     assert c2.wait(job, timeout=60)["state"] == "done"
     assert (server.workspace / "jobs" / job / "input" / src["upload"] / "clip.mov").read_bytes() == data
+
+
+def test_a_shot_cut_from_a_long_sequence_sends_only_its_frames(server, tmp_path):
+    # frames 3..6 of a 10-frame folder (natural order: 2 before 10), with their mask frames
+    seq = tmp_path / "outside" / "seq"
+    seq.mkdir(parents=True)
+    for i in range(10):
+        (seq / f"f{i}.png").write_bytes(os.urandom(1000))
+    (seq / "notes.txt").write_text("not a frame")
+    masks = tmp_path / "outside" / "masks" / "obj0"
+    masks.mkdir(parents=True)
+    for i in range(10):
+        (masks / f"m{i}.png").write_bytes(os.urandom(200))
+    c = server.client()
+    prog = R.Progress()
+    src, msrc = c.upload_many([seq, masks], prog, ranges=[(3, 7), (3, 7)])
+    assert prog.files == 8 and prog.sent_bytes == prog.total_bytes == 4 * 1200
+    job = c.submit(src, masks=[msrc], frame_range=(0, 4), preset="demo", overrides=fast(10, 5))
+    assert c.wait(job, timeout=120)["state"] == "done"
+    inp = server.workspace / "jobs" / job / "input" / src["upload"]
+    assert sorted(p.name for p in (inp / "s0").iterdir()) == [f"f{i}.png" for i in range(3, 7)]
+    assert sorted(p.name for p in (inp / "s1").iterdir()) == [f"m{i}.png" for i in range(3, 7)]
+    # a range the folder does not hold is refused before anything is sent
+    with pytest.raises(ServiceError, match="frames 8-11 are not all in"):
+        c.upload_many([seq], R.Progress(), ranges=[(8, 12)])
+    # a file (a movie) ignores its range: it goes whole
+    movie = tmp_path / "outside" / "shot.mp4"
+    movie.write_bytes(os.urandom(3000))
+    assert R.plan([str(movie)], ranges=[(3, 7)]).files[0].size == 3000
