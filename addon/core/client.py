@@ -121,6 +121,19 @@ class Event:
         return self.body.get("job_id")
 
 
+def _frame_folders(paths: Sequence[Any]) -> bool:
+    """Every path a plain folder of frames (images directly in it, as a strip's frames or an
+    object's masks), none a mapping, a movie or a seed layout: a frame range can cut them."""
+    from .strips import IMAGE_EXTENSIONS
+
+    for p in paths:
+        if isinstance(p, Mapping) or not os.path.isdir(p) or os.path.isdir(os.path.join(p, "video_frames")):
+            return False
+        if not any(n.lower().endswith(IMAGE_EXTENSIONS) for n in os.listdir(p)):
+            return False
+    return True
+
+
 class Client:
     def __init__(self, endpoint: str = P.DEFAULT_ENDPOINT, *, key: bytes | None = None,
                  keys_dir: str | Path | None = None, curve: CurveKeys | None = None,
@@ -399,7 +412,13 @@ class Client:
         if name is None and not isinstance(source, Mapping):
             name = os.path.basename(os.path.abspath(os.fspath(source)))
         masks = list(masks) if masks else []
-        srcs = self._sources([source, *masks], upload)
+        ranges = None
+        if upload and frame_range and frame_range[1] is not None and _frame_folders([source, *masks]):
+            # a shot cut from a frame folder: only its frames (and mask frames) travel, and the
+            # backend reads them as frames 0 .. n - 1
+            ranges = [(int(frame_range[0]), int(frame_range[1]))] * (1 + len(masks))
+            frame_range = (0, int(frame_range[1]) - int(frame_range[0]))
+        srcs = self._sources([source, *masks], upload, ranges)
         src, mask_src = srcs[0], srcs[1:] or None
         body = {"source": src, "masks": mask_src, "preset": preset,
                 "overrides": {k: dict(v) for k, v in overrides.items()} if overrides else None,
@@ -488,14 +507,17 @@ class Client:
                     on_event(e)
 
     # --------------------------------------------------------------- files
-    def _sources(self, srcs: Sequence[Any], upload: bool) -> list[Any]:
+    def _sources(self, srcs: Sequence[Any], upload: bool,
+                 ranges: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> list[Any]:
         """Paths as the backend names them: absolute paths, or (``upload``) one upload
-        session holding every path that is not already a source mapping."""
+        session holding every path that is not already a source mapping (of frame folders
+        only the frames of ``ranges``, parallel to ``srcs``)."""
         out: list[Any] = [dict(s) if isinstance(s, Mapping) else os.path.abspath(os.fspath(s)) for s in srcs]
         if upload:
             idx = [i for i, s in enumerate(srcs) if not isinstance(s, Mapping)]
             if idx:
-                for i, src in zip(idx, self.upload_many([out[i] for i in idx])):
+                sent = self.upload_many([out[i] for i in idx], ranges=[ranges[i] for i in idx] if ranges else None)
+                for i, src in zip(idx, sent):
                     out[i] = src
         return out
 

@@ -282,6 +282,11 @@ def test_a_shot_cut_from_a_long_sequence_sends_only_its_frames(server, tmp_path)
     # a range the folder does not hold is refused before anything is sent
     with pytest.raises(ServiceError, match="frames 8-11 are not all in"):
         c.upload_many([seq], R.Progress(), ranges=[(8, 12)])
+    # the client's submit (the command line's `client submit --upload --frames 3:7`) does the same
+    job2 = c.submit(seq, masks=[masks], frame_range=(3, 7), upload=True, preset="demo", overrides=fast(10, 5))
+    assert c.wait(job2, timeout=120)["state"] == "done"
+    ups = [p for p in (server.workspace / "jobs" / job2 / "input").iterdir()]
+    assert len(ups) == 1 and sorted(p.name for p in (ups[0] / "s0").iterdir()) == [f"f{i}.png" for i in range(3, 7)]
     # a file (a movie) ignores its range: it goes whole
     movie = tmp_path / "outside" / "shot.mp4"
     movie.write_bytes(os.urandom(3000))
