@@ -79,7 +79,7 @@ def _cancel_on_signals() -> CancelToken:
             raise KeyboardInterrupt
         first.append(now)
         name = "interrupted" if signum == signal.SIGINT else "terminated"
-        print(f"\n{name}: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(f"\n{name}: {token.note} (Ctrl-C again to abort)", file=sys.stderr, flush=True)
         token.cancel(name)
 
     # a native library (libtriton's LLVM at the first Triton compile) may replace the C-level
@@ -112,7 +112,9 @@ def _config(args) -> Config:
         overrides.setdefault("clip", {})["flow_method"] = args.flow
     if getattr(args, "grid_backend", None):
         overrides.setdefault("model", {})["encoding_backend"] = args.grid_backend
-    return cfg.replace(**overrides).validate() if overrides else cfg.validate()
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return cfg.with_settings(getattr(args, "settings", None) or []).validate()
 
 
 def _frames(text: Optional[str]):
@@ -301,6 +303,10 @@ def _add_model_opts(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help=f"starting configuration (default {default_preset})")
     p.set_defaults(preset_default=default_preset)
     p.add_argument("--config", type=Path, help="TOML configuration file (overrides --preset)")
+    p.add_argument("--set", action="append", default=[], dest="settings", metavar="SECTION.FIELD=VALUE",
+                   help="change one configuration field, after --preset/--config and the options above "
+                        "(repeatable; e.g. --set losses.optical_flow=0.01 --set train.batch_size=20000; "
+                        "fields: docs/config.md)")
     p.add_argument("--iterations", type=int, help="training iterations (0: derived from the shot, see --spp)")
     p.add_argument("--spp", type=float, metavar="N",
                    help="derive the iterations from the shot: N training samples per pixel of the working-"

@@ -74,6 +74,11 @@ class LossConfig:
     optical_flow: float = 0.01
     rigidity: float = 0.001
     rigidity_derivative: int = 1
+    # "backward": the seed's own queries at p - d e_x, p - d e_y (2 mapping evaluations a sample);
+    # "shared": the gradient loss's p + e_x, p + e_y (forward differences; needs d = 1): the same
+    # pixel pairs over a uniform sample, 2 of the step's 7 mapping query groups fewer
+    # (docs/deviations.md, "Rigidity from the gradient loss's neighbours")
+    rigidity_stencil: str = "backward"
     global_rigidity_fg: float = 0.005
     global_rigidity_bg: float = 0.05
     global_rigidity_stop: int = 5_000
@@ -177,6 +182,32 @@ class Config:
                 d[section] = values
         return Config.from_dict(d)
 
+    def with_settings(self, items) -> "Config":
+        """Apply ``SECTION.FIELD=VALUE`` settings (the CLI's ``--set``), in order; nested tables by
+        more dots (``model.texture_grid.log2_hashmap_size=20``). VALUE is a TOML value (``0.05``,
+        ``true``, ``"shared"``); anything that is not one is taken as a string (``shared``)."""
+        cfg = self
+        for item in items:
+            key, sep, text = str(item).partition("=")
+            parts = [k.strip() for k in key.split(".")]
+            if not sep or len(parts) < 2 or not all(parts):
+                raise ConfigError(f"a setting is SECTION.FIELD=VALUE (e.g. losses.optical_flow=0.05), got {item!r}")
+            text = text.strip()
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = text
+            current: Any = cfg.to_dict()
+            for k in parts:
+                current = current.get(k) if isinstance(current, dict) else None
+            if isinstance(current, str) and not isinstance(value, str):
+                value = text  # a string field: `--set losses.rigidity_stencil=shared` needs no quotes
+            nested: Any = value
+            for k in reversed(parts[1:]):
+                nested = {k: nested}
+            cfg = cfg.replace(**{parts[0]: nested})
+        return cfg
+
     # ------------------------------------------------------------------ toml
     def save(self, path: str | Path) -> None:
         Path(path).write_text(dumps_toml(self.to_dict()), encoding="utf-8")
@@ -218,6 +249,11 @@ class Config:
             (m.mlp_backend in ("auto", "torch", "compile", "triton"),
              "model.mlp_backend must be auto|torch|compile|triton"),
             (m.uv_init in ("seed", "fit"), "model.uv_init must be seed|fit"),
+            (self.losses.rigidity_stencil in ("backward", "shared"),
+             "losses.rigidity_stencil must be backward|shared"),
+            (self.losses.rigidity_stencil != "shared" or self.losses.rigidity_derivative == 1,
+             "losses.rigidity_stencil = \"shared\" reuses the gradient loss's 1-pixel neighbours: it needs "
+             "losses.rigidity_derivative = 1"),
             (c.long_edge >= 16, "clip.long_edge must be >= 16"),
             (c.max_frames == 0 or c.max_frames >= 2, "clip.max_frames must be 0 (no cap) or >= 2"),
             (c.flow_method in ("dis", "raft_small", "raft_large", "auto"),
@@ -303,6 +339,11 @@ def preset(name: str) -> Config:
         cfg.train.tf32 = True
         cfg.losses.alpha_bootstrapping_stop = 2_500
         cfg.losses.global_rigidity_stop = 1_250
+        # 5x the method's flow weight: edits stick to the footage (tennis, against RAFT: 0.59x the
+        # background's per-frame error, 0.42x over 10 frames; 1080p synthetic demo: drift 0.66 ->
+        # 0.26 px) for -0.45 dB of reconstruction on tennis and +1.1 dB atlas-only
+        # (docs/deviations.md, "Optical-flow weight")
+        cfg.losses.optical_flow = 0.05
         cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
     elif name == "cpu":
         # real footage on a CPU (docs/config.md, docs/deviations.md): long edge 256, the demo's

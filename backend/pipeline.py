@@ -150,6 +150,7 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
         memory["gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved(trainer.device) / 2 ** 30, 3)
     # total_seconds: this call's wall time, loading to the written report (a resumed run counts
     # only its own part)
+    cancel.note = "stopping the export (the trained model is in its checkpoint: run again to export)"
     export_all(trainer, clip, out, cfg, progress=progress, cancel=cancel, started=t_start,
                extra_report={"flow_seconds": round(flow_seconds, 3),
                              "flow_method": getattr(flow, "method", cfg.clip.flow_method),

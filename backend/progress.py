@@ -40,6 +40,9 @@ class CancelToken:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        # what a cancel does at the current stage, for the message a signal handler prints
+        # (training: "saving a checkpoint"; the pipeline and the demo update it as they go)
+        self.note = "saving a checkpoint"
         # called on every poll (cheap, throttled by its owner): the CLI's SignalGuard re-arms
         # Ctrl-C/SIGTERM here when a native library replaced their C-level handlers
         self.on_poll: Optional[Callable[[], object]] = None

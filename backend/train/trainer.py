@@ -59,11 +59,12 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
                uv: list, rgb: list, res: list, alpha: torch.Tensor, gt: torch.Tensor, dx_gt: torch.Tensor,
                dy_gt: torch.Tensor, target: Optional[torch.Tensor], ok_fw: torch.Tensor,
                ok_bw: torch.Tensor, consistency: Optional[list] = None,
-               alpha_weighted: tuple = ()) -> dict[str, torch.Tensor]:
+               alpha_weighted: tuple = (), groups: tuple = ((5, 6), (7, 8))) -> dict[str, torch.Tensor]:
     """Every weighted loss term of one step, from the networks' outputs.
 
     uv: N x (G, B, 2) mapping outputs per query group (0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw,
-    5/6 rigidity, 7/8 global rigidity); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
+    then the rigidity and global-rigidity neighbours at ``groups``: ((5, 6), (7, 8)) by default,
+    ((1, 2), (5, 6)) with the shared stencil, see :func:`rigidity_groups`); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
     groups 0-4; ``target`` the bootstrapping masks (None: that term is off); ``consistency`` the
     unweighted residual-consistency loss per layer (None: off); ``alpha_weighted``: layers whose
     rigidity terms are weighted by their (detached) alpha at the main points. A pure function of
@@ -91,15 +92,31 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
             out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
                 uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
         if lc.rigidity:
-            out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][5], uv[i][6], rez, s, d, w)
+            (gx, gy) = groups[0]
+            out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][gx], uv[i][gy], rez, s, d, w)
         if use_global and global_weights[i]:
-            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][7], uv[i][8],
+            (gx, gy) = groups[1]
+            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][gx], uv[i][gy],
                                                                               rez, s, D, w)
         if residuals and lc.residual_reg:
             out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
         if consistency is not None:
             out[f"residual_consistent_{i}"] = lc.residual_consistent * consistency[i]
     return out
+
+
+def rigidity_groups(stencil: str) -> tuple:
+    """Query groups of the rigidity and global-rigidity neighbours (x, y) in a step.
+
+    ``backward`` (the seed's): p - d e_x and p - d e_y are groups 5 and 6 of their own, the global
+    rigidity's 7 and 8. ``shared``: the rigidity reuses the gradient loss's p + e_x, p + e_y
+    (groups 1, 2; d = 1), so the global rigidity's move to 5 and 6. A forward difference is the
+    backward difference of the next pixel: over a uniform sample of pixels the two stencils see
+    the same pairs, and the loss is even in J (J -> -J leaves J^T J unchanged), so
+    :func:`losses.rigidity_loss` takes either order."""
+    if stencil == "shared":
+        return (1, 2), (5, 6)
+    return (5, 6), (7, 8)
 
 
 class Trainer:
@@ -276,10 +293,16 @@ class Trainer:
         d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
         boot_stop, global_stop = self.stops
         use_global = iteration <= global_stop and (lc.global_rigidity_fg > 0 or lc.global_rigidity_bg > 0)
-        # query groups: 0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw, 5/6 rigidity, 7/8 global rigidity
-        xs = [x, x + 1, x, x + fw[:, 0], x + bw[:, 0], x - d, x]
-        ys = [y, y, y + 1, y + fw[:, 1], y + bw[:, 1], y, y - d]
-        fs = [f, f, f, f + 1, f - 1, f, f]
+        # query groups: 0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw, then the rigidity neighbours
+        # (5/6, or 1/2 with the shared stencil) and the global rigidity's (the next two)
+        xs = [x, x + 1, x, x + fw[:, 0], x + bw[:, 0]]
+        ys = [y, y, y + 1, y + fw[:, 1], y + bw[:, 1]]
+        fs = [f, f, f, f + 1, f - 1]
+        groups = rigidity_groups(lc.rigidity_stencil)
+        if groups[0] != (1, 2):
+            xs += [x - d, x]
+            ys += [y, y - d]
+            fs += [f, f]
         if use_global:
             xs += [x - D, x]
             ys += [y, y - D]
@@ -313,7 +336,7 @@ class Trainer:
                        for i in range(N)] if rc_on else None
         return self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
                                   rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
-                                  target, ok_fw, ok_bw, consistency, self.alpha_weighted_rigidity())
+                                  target, ok_fw, ok_bw, consistency, self.alpha_weighted_rigidity(), groups)
 
     def _loss_terms(self):
         """:func:`loss_terms`, through torch.compile (one fused graph for the loss algebra, forward and

@@ -40,3 +40,28 @@ def test_demo_refuses_what_it_cannot_measure_before_training(tmp_path, kw, msg):
     with pytest.raises(ConfigError, match=msg):
         run_demo(tmp_path / "d", tiny_config(device="cpu"), **args)
     assert not (tmp_path / "d").exists()  # nothing written, nothing trained
+
+
+def test_a_cancel_after_training_stops_the_demo_and_says_what_it_stops(tmp_path):
+    """A Ctrl-C that arrives after the decomposition (during the yardsticks) stops the demo there;
+    the handler's message names that stage, not "saving a checkpoint"; the decomposition is whole."""
+    from backend.errors import Cancelled
+    from backend.progress import CancelToken
+
+    token = CancelToken()
+    notes = []
+
+    def progress(p):
+        if p.phase == "train":
+            notes.append(token.note)
+        if p.phase == "done":  # the decomposition's last event: as if a signal came now
+            token.cancel("interrupted")
+
+    cfg = tiny_config(iterations=4, device="cpu").replace(export={"write_videos": False})
+    with pytest.raises(Cancelled):
+        run_demo(tmp_path / "demo", cfg, width=48, height=32, n_frames=3, progress=progress, cancel=token)
+    assert notes and set(notes) == {"saving a checkpoint"}
+    assert token.note.startswith("stopping the demo's measurements")
+    dec = tmp_path / "demo" / "decomposition"
+    assert json.loads((dec / "report.json").read_text())["iterations"] == 4
+    assert not (tmp_path / "demo" / "report.json").exists()  # the demo's own report: not written

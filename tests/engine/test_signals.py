@@ -70,6 +70,24 @@ def test_cancel_token_polls_rearm_through_the_cli_handler():
             signal.signal(s, h)
 
 
+def test_the_handlers_message_says_what_the_current_stage_does(capsys):
+    from backend import cli
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        token = cli._cancel_on_signals()
+        token.note = "stopping the export (the trained model is in its checkpoint: run again to export)"
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):
+            if token.cancelled:
+                break
+        assert token.cancelled and token.reason == "interrupted"
+        err = capsys.readouterr().err
+        assert "interrupted: stopping the export" in err and "saving a checkpoint" not in err
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def test_ignored_sigint_stays_ignored_after_a_native_library_takes_it():
     """The service worker ignores SIGINT (the server decides): a C-level replacement (libtriton
     installs a handler that ends the process) is undone at the next poll."""

@@ -186,3 +186,63 @@ def test_cancel_saves_a_checkpoint_and_raises(tmp_path):
         tr.train(checkpoint_dir=tmp_path)
     it = read_meta(tmp_path)["iteration"]
     assert 2 <= it < 50
+
+
+@pytest.mark.parametrize("stencil,groups", [("backward", (9, 7)), ("shared", (7, 5))])
+def test_rigidity_stencil_query_groups(stencil, groups):
+    """The shared stencil takes the rigidity's neighbours from the gradient loss's p + e_x, p + e_y
+    (docs/deviations.md): 2 mapping query groups fewer a step, the same loss of the same outputs."""
+    from backend import losses as L
+    clip = tiny_clip()
+    cfg = tiny_config().replace(losses={"rigidity_stencil": stencil})
+    tr = Trainer(clip, compute_flow(clip), cfg, torch.device("cpu"))
+    B, rez, lc = cfg.train.batch_size, tr.geom.rez, cfg.losses
+    mapping, seen = tr.model.mapping, []
+
+    def spy(i, xyt):
+        out = mapping(i, xyt)
+        seen.append((xyt.detach(), out.detach()))
+        return out
+
+    tr.model.mapping = spy
+    for it, n_groups in zip((1, 10), groups):  # with the global rigidity, then past its stop
+        seen.clear()
+        losses = tr.compute_losses(it)
+        xyt, uv = seen[0]  # layer 0's main call (the consistency term's calls come after)
+        assert xyt.shape[0] == n_groups * B
+        q, uv = xyt.view(n_groups, B, 3), uv.view(n_groups, B, 2)
+        step = 2.0 / rez  # one pixel in the mapping's normalised coordinates
+        gx, gy = (1, 2) if stencil == "shared" else (5, 6)
+        sign = 1.0 if stencil == "shared" else -1.0
+        assert torch.allclose(q[gx, :, 0] - q[0, :, 0], torch.full((B,), sign * step), atol=1e-6)
+        assert torch.equal(q[gx, :, 1:], q[0, :, 1:])
+        assert torch.allclose(q[gy, :, 1] - q[0, :, 1], torch.full((B,), sign * step), atol=1e-6)
+        s = tr.model.uv_scales[0]
+        expected = lc.rigidity * L.rigidity_loss(uv[0], uv[gx], uv[gy], rez, s, 1.0)
+        assert torch.allclose(losses["rigidity_0"].detach(), expected, rtol=1e-5)
+        if it == 1:
+            D = float(lc.global_rigidity_derivative)
+            expected = tr.global_rigidity_weight(0) * L.rigidity_loss(uv[0], uv[-2], uv[-1], rez, s, D)
+            assert torch.allclose(losses["global_rigidity_0"].detach(), expected, rtol=1e-5)
+            assert torch.allclose(q[-2, :, 0] - q[0, :, 0], torch.full((B,), -D * step), atol=1e-5)
+
+
+def test_rigidity_loss_is_the_same_for_either_stencil_of_an_affine_map():
+    """J -> -J leaves the loss unchanged: a forward difference of an affine map gives the backward one's
+    value exactly, so the shared stencil changes which pixel pairs a batch holds, not the loss."""
+    from backend import losses as L
+    A = torch.tensor([[0.7, -0.2], [0.3, 1.1]])
+    p = torch.rand(64, 2)
+    f = lambda q: q @ A.T  # noqa: E731
+    e = torch.eye(2)
+    back = L.rigidity_loss(f(p), f(p - e[0]), f(p - e[1]), 20, 0.8, 1.0)
+    fwd = L.rigidity_loss(f(p), f(p + e[0]), f(p + e[1]), 20, 0.8, 1.0)
+    assert torch.allclose(back, fwd, rtol=1e-6)
+
+
+def test_shared_rigidity_stencil_needs_one_pixel():
+    from backend.errors import ConfigError
+    with pytest.raises(ConfigError, match="rigidity_derivative = 1"):
+        preset("fast").replace(losses={"rigidity_stencil": "shared", "rigidity_derivative": 2}).validate()
+    with pytest.raises(ConfigError, match="backward|shared"):
+        preset("fast").replace(losses={"rigidity_stencil": "central"}).validate()
