@@ -64,13 +64,29 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
 
     uv: N x (G, B, 2) mapping outputs per query group (0 main, 1 x+1, 2 y+1, 3 flow fw, 4 flow bw,
     then the rigidity and global-rigidity neighbours at ``groups``: ((5, 6), (7, 8)) by default,
-    ((1, 2), (5, 6)) with the shared stencil, see :func:`rigidity_groups`); rgb, res: N x (3, B, 3) at groups 0-2; alpha (5, B, N) at
-    groups 0-4; ``target`` the bootstrapping masks (None: that term is off); ``consistency`` the
-    unweighted residual-consistency loss per layer (None: off); ``alpha_weighted``: layers whose
-    rigidity terms are weighted by their (detached) alpha at the main points. A pure function of
-    tensors and constants, so that torch.compile can fuse it (``train.compile_losses``)."""
+    ((1, 2), (5, 6)) with the shared stencil, see :func:`rigidity_groups`); rgb, res: N x (3, B, 3)
+    at groups 0-2; alpha (5, B, N) at groups 0-4; ``target`` the bootstrapping masks (None: that
+    term is off); ``consistency`` the unweighted residual-consistency loss per layer (None: off);
+    ``alpha_weighted``: layers whose rigidity terms are weighted by their (detached) alpha at the
+    main points. The terms of every phase (:func:`core_loss_terms`) and the two that stop early
+    (:func:`phase_loss_terms`)."""
+    out = core_loss_terms(lc, uv_scales, rez, residuals, uv, rgb, res, alpha, gt, dx_gt, dy_gt, ok_fw, ok_bw,
+                          consistency, alpha_weighted, groups[0])
+    out.update(phase_loss_terms(lc, uv_scales, global_weights, rez, use_global, uv, alpha, target,
+                                alpha_weighted, groups[1]))
+    return out
+
+
+def core_loss_terms(lc, uv_scales: tuple, rez: int, residuals: bool, uv: list, rgb: list, res: list,
+                    alpha: torch.Tensor, gt: torch.Tensor, dx_gt: torch.Tensor, dy_gt: torch.Tensor,
+                    ok_fw: torch.Tensor, ok_bw: torch.Tensor, consistency: Optional[list] = None,
+                    alpha_weighted: tuple = (), rigidity: tuple = (5, 6)) -> dict[str, torch.Tensor]:
+    """The loss terms of every schedule phase (all but the alpha bootstrapping and the global
+    rigidity, which stop early), with the rigidity neighbours at groups ``rigidity``. A pure
+    function of tensors and constants whose inputs keep their shapes over the whole schedule, so
+    that torch.compile (``train.compile_losses``) compiles it once, not again at each stop."""
     N = len(uv)
-    d, D = float(lc.rigidity_derivative), float(lc.global_rigidity_derivative)
+    d = float(lc.rigidity_derivative)
     color = sum(rgb[i] * res[i] * alpha[:3, :, i:i + 1] for i in range(N))  # (3, B, 3)
     out: dict[str, torch.Tensor] = {}
     out["rgb"] = lc.rgb * L.rgb_loss(color[0], gt)
@@ -79,12 +95,11 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
     if N > 1:
         if lc.sparsity:
             out["sparsity"] = lc.sparsity * L.sparsity_loss([r[0] for r in rgb], alpha[0])
-        if target is not None:
-            out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
         if lc.alpha_reg:
             out["alpha_reg"] = lc.alpha_reg * L.alpha_reg_loss(alpha[0])
         if lc.flow_alpha:
             out["flow_alpha"] = lc.flow_alpha * L.flow_alpha_loss(alpha[0], alpha[3], ok_fw, alpha[4], ok_bw)
+    gx, gy = rigidity
     for i in range(N):
         s = uv_scales[i]
         w = alpha[0][:, i].detach() if i in alpha_weighted else None
@@ -92,16 +107,31 @@ def loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global
             out[f"optical_flow_{i}"] = lc.optical_flow * L.flow_mapping_loss(
                 uv[i][0], uv[i][3], ok_fw, uv[i][4], ok_bw, alpha[0][:, i], rez, s)
         if lc.rigidity:
-            (gx, gy) = groups[0]
             out[f"rigidity_{i}"] = lc.rigidity * L.rigidity_loss(uv[i][0], uv[i][gx], uv[i][gy], rez, s, d, w)
-        if use_global and global_weights[i]:
-            (gx, gy) = groups[1]
-            out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(uv[i][0], uv[i][gx], uv[i][gy],
-                                                                              rez, s, D, w)
         if residuals and lc.residual_reg:
             out[f"residual_reg_{i}"] = lc.residual_reg * L.residual_reg_loss(res[i][0])
         if consistency is not None:
             out[f"residual_consistent_{i}"] = lc.residual_consistent * consistency[i]
+    return out
+
+
+def phase_loss_terms(lc, uv_scales: tuple, global_weights: tuple, rez: int, use_global: bool, uv: list,
+                     alpha: torch.Tensor, target: Optional[torch.Tensor], alpha_weighted: tuple = (),
+                     global_groups: tuple = (7, 8)) -> dict[str, torch.Tensor]:
+    """The two terms of the first iterations: the alpha bootstrapping (``target`` None: stopped)
+    and the global rigidity (``use_global``), a few small kernels, run eagerly."""
+    N = len(uv)
+    out: dict[str, torch.Tensor] = {}
+    if N > 1 and target is not None:
+        out["alpha_bootstrapping"] = lc.alpha_bootstrapping * L.alpha_bootstrapping_loss(alpha[0], target)
+    if use_global:
+        D = float(lc.global_rigidity_derivative)
+        gx, gy = global_groups
+        for i in range(N):
+            if global_weights[i]:
+                w = alpha[0][:, i].detach() if i in alpha_weighted else None
+                out[f"global_rigidity_{i}"] = global_weights[i] * L.rigidity_loss(
+                    uv[i][0], uv[i][gx], uv[i][gy], rez, uv_scales[i], D, w)
     return out
 
 
@@ -334,19 +364,26 @@ class Trainer:
         target = data.targets[b.f, b.y, b.x].float() if bootstrap else None
         consistency = [L.residual_consistency_loss(queries[i]["target"], others[i], queries[i]["invisible"])
                        for i in range(N)] if rc_on else None
-        return self._loss_terms()(lc, tuple(m.uv_scales), tuple(self.global_rigidity_weight(i) for i in range(N)),
-                                  rez, use_global, m.residuals is not None, uv, rgb, res, alpha, gt, dx_gt, dy_gt,
-                                  target, ok_fw, ok_bw, consistency, self.alpha_weighted_rigidity(), groups)
+        scales, weighted = tuple(m.uv_scales), self.alpha_weighted_rigidity()
+        # the every-phase terms see the same shapes from the first iteration to the last (the
+        # first groups of each mapping output, always as a view), so a compiled version is built
+        # once; the early terms read the later groups
+        n_core = 5 if groups[0] == (1, 2) else 7
+        out = self._core_terms()(lc, scales, rez, m.residuals is not None, [u[:n_core] for u in uv], rgb, res,
+                                 alpha, gt, dx_gt, dy_gt, ok_fw, ok_bw, consistency, weighted, groups[0])
+        out.update(phase_loss_terms(lc, scales, tuple(self.global_rigidity_weight(i) for i in range(N)), rez,
+                                    use_global, uv, alpha, target, weighted, groups[1]))
+        return out
 
-    def _loss_terms(self):
-        """:func:`loss_terms`, through torch.compile (one fused graph for the loss algebra, forward and
-        backward) when ``train.compile_losses`` is set on CUDA."""
+    def _core_terms(self):
+        """:func:`core_loss_terms`, through torch.compile (one fused graph for the loss algebra,
+        forward and backward) when ``train.compile_losses`` is set on CUDA."""
         if not (self.cfg.train.compile_losses and self.device.type == "cuda"):
-            return loss_terms
+            return core_loss_terms
         if self._compiled_terms is None:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._compiled_terms = torch.compile(loss_terms, dynamic=False)
+            self._compiled_terms = torch.compile(core_loss_terms, dynamic=False)
         return self._compiled_terms
 
     def consistency_queries(self, layer: int, batch: int) -> dict:

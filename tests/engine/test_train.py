@@ -246,3 +246,72 @@ def test_shared_rigidity_stencil_needs_one_pixel():
         preset("fast").replace(losses={"rigidity_stencil": "shared", "rigidity_derivative": 2}).validate()
     with pytest.raises(ConfigError, match="backward|shared"):
         preset("fast").replace(losses={"rigidity_stencil": "central"}).validate()
+
+
+def _signature(args):
+    """What torch.compile's guards see of a call: tensor shapes/strides/dtypes and the constants."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), a.stride(), a.dtype, a._base is not None)
+        if isinstance(a, (list, tuple)):
+            return tuple(one(v) for v in a)
+        return a if isinstance(a, (int, float, bool, str, type(None))) else type(a).__name__
+    return tuple(one(a) for a in args)
+
+
+@pytest.mark.parametrize("stencil", ["backward", "shared"])
+def test_every_phase_calls_the_compiled_loss_algebra_with_the_same_shapes(stencil):
+    """`train.compile_losses` compiles core_loss_terms once: its inputs keep their shapes, views
+    and constants from the first iteration (bootstrapping, global rigidity) past both stops, so
+    the stops trigger no recompilation (docs/benchmarks.md, "Run fused-3"); the early terms
+    come from phase_loss_terms, and the step's terms equal the reference loss_terms of the same
+    network outputs."""
+    from backend.train import trainer as T
+    clip = tiny_clip()
+    cfg = tiny_config().replace(losses={"rigidity_stencil": stencil})
+    tr = Trainer(clip, compute_flow(clip), cfg, torch.device("cpu"))
+    calls = []
+
+    def recorder(*args):
+        calls.append((_signature(args), args))
+        return T.core_loss_terms(*args)
+
+    tr._core_terms = lambda: recorder
+    keys = [set(tr.compute_losses(it)) for it in (1, 4, 10)]  # both on, global stopped, both stopped
+    assert "alpha_bootstrapping" in keys[0] and "global_rigidity_0" in keys[0]
+    assert "alpha_bootstrapping" in keys[1] and "global_rigidity_0" not in keys[1]
+    assert not any(k.startswith(("alpha_bootstrapping", "global_rigidity")) for k in keys[2])
+    assert len(calls) == 3 and calls[0][0] == calls[1][0] == calls[2][0]
+    # the split is the reference: core + phase terms of the same outputs == loss_terms
+    (lc, scales, rez, residuals, uv, rgb, res, alpha, gt, dx, dy, ok_fw, ok_bw, cons, weighted, rig) = calls[0][1]
+    assert all(u._base is not None for u in uv)  # a view of the full (G, B, 2) outputs
+    full = [u._base.view(-1, u.shape[1], 2) for u in uv]
+    ref = T.loss_terms(lc, scales, tuple(tr.global_rigidity_weight(i) for i in range(len(uv))), rez, True,
+                       residuals, full, rgb, res, alpha, gt, dx, dy, None, ok_fw, ok_bw, cons, weighted,
+                       T.rigidity_groups(stencil))
+    core = T.core_loss_terms(*calls[0][1])
+    for k, v in core.items():
+        assert torch.equal(v, ref[k]), k
+    assert {k for k in ref if k.startswith("global_rigidity")} == {f"global_rigidity_{i}" for i in range(2)}
+
+
+def test_the_stops_trigger_no_recompilation_of_the_loss_algebra():
+    """The guard-level check of the test above, through TorchDynamo itself (a counting backend,
+    no Inductor): one compilation of core_loss_terms for all three schedule phases."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from backend.train import trainer as T
+    clip = tiny_clip()
+    tr = Trainer(clip, compute_flow(clip), tiny_config(), torch.device("cpu"))
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(T.core_loss_terms, backend=counter, dynamic=False)
+    tr._core_terms = lambda: compiled
+    try:
+        for it in (1, 2, 4, 5, 10, 11):  # both early terms on, global stopped, both stopped
+            losses = tr.compute_losses(it)
+            assert all(torch.isfinite(v) for v in losses.values())
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
