@@ -101,7 +101,8 @@ class NA_SceneSettings(bpy.types.PropertyGroup):
         description="Decompose only the part of the strip inside the scene's frame range")
     overrides: StringProperty(  # type: ignore[valid-type]
         name="Overrides",
-        description='Advanced: configuration overrides as JSON or TOML, e.g. {"train": {"iterations": 500}}')
+        description='Advanced: configuration overrides, e.g. losses.optical_flow=0.01; train.iterations=500 '
+                    '(or JSON: {"train": {"iterations": 500}})')
     max_frames: IntProperty(  # type: ignore[valid-type]
         name="Max frames", default=0, min=0,
         description="Decompose at most this many frames from the start of the range (0: no limit)")

@@ -192,3 +192,21 @@ def test_mypy_lint_catches_removed_5_0_names(tmp_path):
     r = subprocess.run([sys.executable, lint, str(bad)], capture_output=True, text=True)
     assert r.returncode != 0
     assert '"sequences"' in r.stdout and '"Sequence"' in r.stdout
+
+
+def test_overrides_field_takes_json_toml_and_the_command_lines_set_form(na):
+    import importlib
+    actions = importlib.import_module(f"{ADDON_MODULE}.blender.actions")
+    parse = actions.parse_overrides
+    want = {"losses": {"optical_flow": 0.01}, "train": {"iterations": 500}}
+    assert parse('{"losses": {"optical_flow": 0.01}, "train": {"iterations": 500}}') == want
+    assert parse("losses.optical_flow=0.01; train.iterations=500") == want
+    assert parse(" losses.optical_flow = 0.01 ;train.iterations=500; ") == want
+    # a bare word is a string, nested tables by more dots, quoted strings as in TOML
+    assert parse("losses.rigidity_stencil=shared; model.texture_grid.log2_hashmap_size=20") == {
+        "losses": {"rigidity_stencil": "shared"}, "model": {"texture_grid": {"log2_hashmap_size": 20}}}
+    assert parse('losses.rigidity_stencil="shared"') == {"losses": {"rigidity_stencil": "shared"}}
+    assert parse("") == {} and parse("   ") == {}
+    for bad in ("iterations=500", "losses.optical_flow", "losses..x=1"):
+        with pytest.raises(actions.ActionError):
+            parse(bad)
