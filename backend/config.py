@@ -188,24 +188,17 @@ class Config:
         ``true``, ``"shared"``); anything that is not one is taken as a string (``shared``)."""
         cfg = self
         for item in items:
-            key, sep, text = str(item).partition("=")
-            parts = [k.strip() for k in key.split(".")]
-            if not sep or len(parts) < 2 or not all(parts):
-                raise ConfigError(f"a setting is SECTION.FIELD=VALUE (e.g. losses.optical_flow=0.05), got {item!r}")
-            text = text.strip()
+            from neural_atlas.core.settings import nested, parse_setting  # the syntax's one definition
             try:
-                value = tomllib.loads(f"v = {text}")["v"]
-            except tomllib.TOMLDecodeError:
-                value = text
+                parts, value, text = parse_setting(item)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             current: Any = cfg.to_dict()
             for k in parts:
                 current = current.get(k) if isinstance(current, dict) else None
             if isinstance(current, str) and not isinstance(value, str):
                 value = text  # a string field: `--set losses.rigidity_stencil=shared` needs no quotes
-            nested: Any = value
-            for k in reversed(parts[1:]):
-                nested = {k: nested}
-            cfg = cfg.replace(**{parts[0]: nested})
+            cfg = cfg.replace(**nested(parts, value))
         return cfg
 
     # ------------------------------------------------------------------ toml

@@ -226,21 +226,20 @@ def run_demo(out_dir: str | Path, config: Optional[Config] = None, width: int = 
     out = prepare_output(out_dir)
     scene = make_synthetic_clip(width=width, height=height, n_frames=n_frames, seed=seed, n_objects=n_objects)
     clip_dir = scene.write(out / "clip")
+    cancel = cancel or CancelToken()
     result = decompose(clip_dir, out / "decomposition", cfg, progress=progress, cancel=cancel)
-    if cancel is not None:  # from here a Ctrl-C stops the yardsticks; the decomposition is whole
-        cancel.note = f"stopping the demo's measurements ({result} is complete)"
-        cancel.raise_if_cancelled()
+    # from here a Ctrl-C stops the yardsticks; the decomposition is whole
+    cancel.note = f"stopping the demo's measurements ({result} is complete)"
+    cancel.raise_if_cancelled()
     dec = json.loads((result / "report.json").read_text())
     from .edit import load_bake
     bake = load_bake(result)
     sizes = [int(a.shape[0]) for a in bake.atlases]  # S_i per layer
     render_device = "cuda" if dec["device"].startswith(("NVIDIA", "cuda")) else "cpu"
     measured = measure(result, clip_dir, render_device)
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+    cancel.raise_if_cancelled()
     frame_paint = measure_frame_paint(result, clip_dir, out / "frame_paint", render_device)
-    if cancel is not None:
-        cancel.raise_if_cancelled()
+    cancel.raise_if_cancelled()
     marks = measured["edit_drift_px"]["per_layer"]
     # the demo's edited shot: every mark at once, written as PNG frames and mp4
     edits = {}

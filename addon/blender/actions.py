@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core import jobs as J
 from ..core import strips as S
+from ..core.settings import settings_table
 from . import images, runtime, vse
 from .props import NA_JobItem, find_job_any, settings
 
@@ -68,37 +69,16 @@ def parse_overrides(text: str) -> dict[str, dict[str, Any]]:
         import tomllib
 
         try:
-            d = tomllib.loads(text.replace(";", "\n"))
+            d = tomllib.loads(text)
         except tomllib.TOMLDecodeError:
-            d = _settings(text)
+            try:  # the command line's --set form, settings separated by ";"
+                d = settings_table(filter(None, (p.strip() for p in text.split(";"))))
+            except ValueError as e:
+                raise ActionError(f"overrides: {e}", 'Write e.g. losses.optical_flow=0.01; train.iterations=500 '
+                                  'or {"train": {"iterations": 500}}') from None
     if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
         raise ActionError("overrides must map sections to fields, e.g. {\"train\": {\"iterations\": 500}}")
     return d
-
-
-def _settings(text: str) -> dict[str, Any]:
-    """``section.field=value; ...`` as nested tables (a bare word value is a string)."""
-    import tomllib
-
-    out: dict[str, Any] = {}
-    hint = 'Write e.g. losses.optical_flow=0.01; train.iterations=500 or {"train": {"iterations": 500}}'
-    for item in filter(None, (p.strip() for p in text.split(";"))):
-        key, sep, value = item.partition("=")
-        parts = [k.strip() for k in key.split(".")]
-        if not sep or len(parts) < 2 or not all(parts):
-            raise ActionError(f"overrides: {item!r} is not SECTION.FIELD=VALUE", hint)
-        value = value.strip()
-        try:
-            v: Any = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            v = value
-        node = out
-        for k in parts[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ActionError(f"overrides: {key.strip()!r} sets a field inside a value", hint)
-        node[parts[-1]] = v
-    return out
 
 
 def source_size(strip: bpy.types.Strip, info: S.StripInfo) -> tuple[int, int]:

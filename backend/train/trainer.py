@@ -333,6 +333,7 @@ class Trainer:
             xs += [x - d, x]
             ys += [y, y - d]
             fs += [f, f]
+        n_core = len(xs)  # the groups of every phase; the early-stopping terms' come after
         if use_global:
             xs += [x - D, x]
             ys += [y, y - D]
@@ -366,9 +367,8 @@ class Trainer:
                        for i in range(N)] if rc_on else None
         scales, weighted = tuple(m.uv_scales), self.alpha_weighted_rigidity()
         # the every-phase terms see the same shapes from the first iteration to the last (the
-        # first groups of each mapping output, always as a view), so a compiled version is built
-        # once; the early terms read the later groups
-        n_core = 5 if groups[0] == (1, 2) else 7
+        # first n_core groups of each mapping output, always as a view), so a compiled version is
+        # built once; the early terms read the later groups
         out = self._core_terms()(lc, scales, rez, m.residuals is not None, [u[:n_core] for u in uv], rgb, res,
                                  alpha, gt, dx_gt, dy_gt, ok_fw, ok_bw, consistency, weighted, groups[0])
         out.update(phase_loss_terms(lc, scales, tuple(self.global_rigidity_weight(i) for i in range(N)), rez,
