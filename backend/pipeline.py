@@ -114,6 +114,7 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
             raise
         for w in caught:
             progress(Progress("load", message=str(w.message)))
+    load_seconds = time.perf_counter() - t_start
     detected = _detected_masks(clip, out, detect, progress) if detect is not None else None
     cfg.save(out / "config.toml")
     write_json(out / "clip.json", {
@@ -130,7 +131,9 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
                                                                 message=f"optical flow {d}/{n}")))
     flow_seconds = time.perf_counter() - t_flow
     cancel.raise_if_cancelled()
+    t_setup = time.perf_counter()
     trainer = Trainer(clip, flow, cfg, progress=progress, cancel=cancel)
+    setup_seconds = time.perf_counter() - t_setup
     trainer.deadline = t_start + cfg.train.budget_s  # a budget counts from loading the clip
     ckpt = out / "checkpoints"
     if resume and read_meta(ckpt) is not None:
@@ -152,7 +155,8 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
     # only its own part)
     cancel.note = "stopping the export (the trained model is in its checkpoint: run again to export)"
     export_all(trainer, clip, out, cfg, progress=progress, cancel=cancel, started=t_start,
-               extra_report={"flow_seconds": round(flow_seconds, 3),
+               extra_report={"load_seconds": round(load_seconds, 3), "setup_seconds": round(setup_seconds, 3),
+                             "flow_seconds": round(flow_seconds, 3),
                              "flow_method": getattr(flow, "method", cfg.clip.flow_method),
                              "schedule": trainer.plan.to_dict(), "training_memory": memory})
     progress(Progress("done", fraction=1.0, message=f"wrote {out}"))

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 
 BACKENDS = ("auto", "torch", "compile", "triton")
 ACTIVATIONS = ("none", "tanh", "tanh01", "softplus")
-AUTO_CUDA = "torch"  # the winner of scripts/bench/step_profile.py on the H200 (docs/benchmarks.md)
+AUTO_CUDA = "torch"  # the measured winner on the H200 end to end (docs/benchmarks.md, "Run fused-4")
 
 
 def resolve(name: str, device: torch.device | str) -> str:
@@ -38,7 +38,11 @@ def resolve(name: str, device: torch.device | str) -> str:
         raise ConfigError(f"model.mlp_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     device = torch.device(device)
     if name == "auto":
-        return AUTO_CUDA if device.type == "cuda" else "torch"
+        if device.type != "cuda":
+            return "torch"
+        if AUTO_CUDA == "triton" and importlib.util.find_spec("triton") is None:
+            return "torch"  # the fused kernels are an accelerator, never a requirement
+        return AUTO_CUDA
     if name == "triton" and importlib.util.find_spec("triton") is None:
         if device.type != "cuda":
             return "torch"  # what every backend is on a CPU anyway

@@ -149,6 +149,41 @@ def rigidity_groups(stencil: str) -> tuple:
     return (5, 6), (7, 8)
 
 
+class CompiledOrEager:
+    """``torch.compile(fn)`` that falls back to ``fn`` itself when compiling fails.
+
+    Inductor needs a working Triton (and its host C compiler) at the first call; a workstation
+    without them still trains, eagerly, with one line saying why. Only the first call may fall
+    back: it runs outside CUDA-graph capture (the warm-up steps), and an error that the eager
+    function raises too is the caller's, raised as it is."""
+
+    def __init__(self, fn, note=None, backend="inductor") -> None:
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self.note = note or (lambda text: None)
+        self.state = "untried"  # -> "compiled" | "eager"
+        self.error = ""
+
+    def __call__(self, *args):
+        if self.state == "compiled":
+            return self.compiled(*args)
+        if self.state == "eager":
+            return self.fn(*args)
+        try:
+            out = self.compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure; eager re-raises real errors
+            out = self.fn(*args)
+            root = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # dynamo wraps the cause
+            text = str(root).strip().splitlines()
+            self.state, self.error = "eager", f"{type(root).__name__}: {text[0] if text else ''}"
+            self.note(f"compiled loss algebra unavailable ({self.error[:200]}); training with the eager one")
+            return out
+        self.state = "compiled"
+        return out
+
+
 class Trainer:
     def __init__(self, clip: Clip, flow, config: Config, device: Optional[torch.device] = None,
                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> None:
@@ -381,9 +416,8 @@ class Trainer:
         if not (self.cfg.train.compile_losses and self.device.type == "cuda"):
             return core_loss_terms
         if self._compiled_terms is None:
-            import torch._dynamo
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._compiled_terms = torch.compile(core_loss_terms, dynamic=False)
+            self._compiled_terms = CompiledOrEager(
+                core_loss_terms, lambda text: self.progress(Progress("train", message=text)))
         return self._compiled_terms
 
     def consistency_queries(self, layer: int, batch: int) -> dict:

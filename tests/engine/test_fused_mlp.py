@@ -295,3 +295,39 @@ def test_layered_model_gradients_same_on_both_paths():
         grads[backend] = dict(zip(names, torch.autograd.grad(loss, params)))
     for name, g in grads["torch"].items():
         assert _rel(grads["triton"][name], g) < 1e-5, name
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA version is tests/engine/test_fused_mlp_train.py")
+def test_a_training_step_through_the_interpreted_kernels_matches_the_reference():
+    """The whole step (texture, residual and alpha networks fused; the residual's batch of
+    3 x 256 + 135 consistency points ends in a partial block) through Triton's interpreter:
+    losses and every parameter's gradient against the torch reference. The residual-consistency
+    term is off for the gradients (its gradient at initialisation is rounding noise:
+    test_train.py, test_the_residual_consistency_gradient_at_initialisation_is_ill_conditioned)."""
+    from backend.train import Trainer
+
+    from .test_train import tiny_clip, tiny_config
+
+    clip = tiny_clip(n_frames=6, h=24, w=32)
+    base = tiny_config(iterations=20).replace(model={"texture_width": 64, "residual_width": 64, "alpha_width": 64},
+                                              train={"tf32": False}, losses={"residual_consistent": 0.0})
+
+    def step(backend):
+        tr = Trainer(clip, None, base.replace(model={"mlp_backend": backend}), torch.device("cpu"))
+        assert tr.model.mlp_backend == backend
+        losses = tr.compute_losses(1)
+        tr.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        return ({k: float(v) for k, v in losses.items()},
+                {n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+
+    ref_l, ref_g = step("torch")
+    got_l, got_g = step("triton")
+    assert not fm.FALLBACK
+    assert list(got_l) == list(ref_l)
+    for k, v in ref_l.items():
+        assert got_l[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert set(got_g) == set(ref_g)
+    for n, g in ref_g.items():
+        err = float((got_g[n] - g).norm() / g.norm().clamp_min(1e-20))
+        assert err < 1e-4, f"{n}: {err:.2e}"

@@ -25,17 +25,28 @@ def _step_grads(clip, cfg):
 
 @pytest.mark.parametrize("backend,compile_losses", [("triton", False), ("compile", False), ("triton", True)])
 def test_step_matches_reference(backend, compile_losses):
+    """Losses and gradients of one step against the torch reference at float32 rounding. The
+    gradients are compared with the residual-consistency term off: at initialisation it is
+    1 - Pearson rho over 3x3 patches of a residual that is still nearly constant, and its gradient
+    is rounding noise of whichever MLP path evaluates it (a 1e-6 change of the residual's weights
+    moves the residual grid's gradient by 50-500 %: test_train.py's
+    test_the_residual_consistency_gradient_at_initialisation_is_ill_conditioned); its value is
+    compared at that scale."""
     clip = tiny_clip(n_frames=6, h=24, w=32)
     # 64-wide texture/residual/alpha networks so that the fused kernels take them
     base = tiny_config(iterations=20).replace(model={"texture_width": 64, "residual_width": 64, "alpha_width": 64},
                                               train={"device": "cuda", "tf32": False})
-    ref_l, ref_g, _ = _step_grads(clip, base.replace(model={"mlp_backend": "torch"}))
+    ref_l, _, _ = _step_grads(clip, base.replace(model={"mlp_backend": "torch"}))
     cfg = base.replace(model={"mlp_backend": backend}, train={"compile_losses": compile_losses})
-    got_l, got_g, tr = _step_grads(clip, cfg)
+    got_l, _, tr = _step_grads(clip, cfg)
     assert tr.model.mlp_backend == backend
     assert list(got_l) == list(ref_l)
     for k, v in ref_l.items():
-        assert got_l[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+        tol = {"rel": 1e-3, "abs": 1e-4} if k.startswith("residual_consistent") else {"rel": 1e-4, "abs": 1e-6}
+        assert got_l[k] == pytest.approx(v, **tol), k
+    quiet = {"losses": {"residual_consistent": 0.0}}
+    _, ref_g, _ = _step_grads(clip, base.replace(model={"mlp_backend": "torch"}, **quiet))
+    _, got_g, _ = _step_grads(clip, cfg.replace(**quiet))
     assert set(got_g) == set(ref_g)
     for n, g in ref_g.items():
         err = float((got_g[n] - g).norm() / g.norm().clamp_min(1e-20))

@@ -43,6 +43,11 @@ def test_outputs_and_report(decomposition):
     assert rep["psnr"] > 10
     # the wall time covers the whole call, export included
     assert rep["total_seconds"] >= rep["seconds"] + rep["export_seconds"] + rep["flow_seconds"] > 0
+    # every phase of the call is in the report: loading, flow, the trainer's setup (data on the
+    # device, targets), pretraining, training, export
+    phases = ("load_seconds", "flow_seconds", "setup_seconds", "pretrain_seconds", "seconds", "export_seconds")
+    assert all(rep[k] > 0 for k in phases)
+    assert rep["total_seconds"] >= sum(rep[k] for k in phases)
     for i in range(2):
         atlas = cv2.imread(str(out / "atlas" / f"layer_{i}.png"), cv2.IMREAD_UNCHANGED)
         assert atlas.dtype == np.uint16 and atlas.shape == (64, 64, 4)
