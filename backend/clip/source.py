@@ -13,7 +13,8 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -295,6 +296,31 @@ def _require_two(n: int, path: Path) -> None:
                         "a clip needs at least 2 frames")
 
 
+def _ordered_map(fn, items: Sequence, window: Optional[int] = None) -> Iterator:
+    """``fn`` over ``items`` on a few threads (image decoding releases the GIL), yielded in order,
+    with at most ``window`` results decoded ahead of the consumer (memory stays bounded at any
+    clip length). An exception is raised when its item's turn comes, as a plain loop would."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    window = window or workers + 2
+    if workers == 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-read") as pool:
+        pending = deque(pool.submit(fn, it) for it in items[:window])
+        nxt = len(pending)
+        try:
+            while pending:
+                result = pending.popleft().result()
+                if nxt < len(items):
+                    pending.append(pool.submit(fn, items[nxt]))
+                    nxt += 1
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional[int],
                  store: dict) -> _Loaded:
     files = list_images(folder)
@@ -309,8 +335,9 @@ def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional
     _require_two(end - start, folder)
     stack = _FrameStack(end - start, store)
     sizer = _Sizer(long_edge)
-    for p in files[start:end]:
-        stack.append(sizer(read_image(p, native=True), str(p)))
+    chosen = files[start:end]
+    for p, frame in zip(chosen, _ordered_map(lambda q: read_image(q, native=True), chosen)):
+        stack.append(sizer(frame, str(p)))
     if end < stop:
         _warn_capped(folder, start, end, stop, max_frames)
     return (stack.result(), [p.name for p in files[start:end]], total, (start, end),
@@ -364,11 +391,21 @@ def _object_name(p: Path) -> str:
     return p.stem if p.suffix.lower() in VIDEO_SUFFIXES else p.name
 
 
+#: (half, full) of a mask image's value range by pixel type: "on" is above half of full scale
+_MASK_RANGE = {np.dtype(np.uint8): (127, 255), np.dtype(np.uint16): (32767, 65535)}
+
+
 def _binarize(img: np.ndarray) -> np.ndarray:
-    """Float mask image (H, W, 3|4) in [0, 1] -> bool: alpha when it varies, else brightest channel."""
-    if img.shape[2] == 4 and img[:, :, 3].min() < 1.0:
-        return img[:, :, 3] > 0.5
-    return img[:, :, :3].max(axis=2) > 0.5
+    """Mask image (H, W, 3|4) -> bool: alpha when it varies, else the brightest channel, on above
+    half of full scale. Float images are in [0, 1]; uint8/uint16 (the file's own values, read
+    without conversion: 10x less work at 1080p) compare against the same thresholds exactly
+    (x / 255 > 0.5 is x > 127; x / 65535 > 0.5 is x > 32767)."""
+    half, full = _MASK_RANGE.get(img.dtype, (0.5, 1.0))
+    if img.shape[2] == 4 and img[:, :, 3].min() < full:
+        return img[:, :, 3] > half
+    # the channels' maximum as two element-wise passes (numpy's reduce over a last axis of 3 is
+    # ~10x slower at 1080p)
+    return np.maximum(np.maximum(img[:, :, 0], img[:, :, 1]), img[:, :, 2]) > half
 
 
 def _load_mask(source: Path, total: int, start: int, end: int, size: tuple[int, int],
@@ -385,7 +422,7 @@ def _load_mask(source: Path, total: int, start: int, end: int, size: tuple[int, 
         if len(files) != total:
             raise ClipError(f"mask folder {source} has {len(files)} images but the clip has "
                             f"{total} frames: give one mask per frame")
-        binary = (_binarize(_read_mask_image(p, name)) for p in files[start:end])
+        binary = _ordered_map(lambda p: _binarize(_read_mask_image(p, name)), files[start:end])
     elif source.suffix.lower() in VIDEO_SUFFIXES:
         binary = _video_masks(source, total, start, end)
     else:
@@ -401,7 +438,7 @@ def _load_mask(source: Path, total: int, start: int, end: int, size: tuple[int, 
 
 def _read_mask_image(path: Path, name: str) -> np.ndarray:
     try:
-        return read_image(path)
+        return read_image(path, native=True)
     except ClipError as e:
         raise ClipError(f"mask of object {name!r}: {e}") from None
 

@@ -207,6 +207,40 @@ def test_mask_threshold_is_half_range(png_clip, tmp_path):
     np.testing.assert_array_equal(clip.masks[:, 0, :, 0], [[0, 0, 1, 1], [0, 0, 1, 1]])
 
 
+def test_masks_read_natively_binarise_as_their_float_values(png_clip, tmp_path):
+    """Mask images are binarised in their own pixel type (no float conversion): the result is the
+    float rule's (alpha when it varies, else the brightest channel, > 0.5) for 8- and 16-bit gray,
+    colour, gray + alpha and RGBA, with values at the threshold."""
+    from backend.clip.source import _binarize
+    from backend.clip.writers import read_image
+
+    folder = png_clip(n=6, width=6, height=4)
+    mdir = tmp_path / "obj"
+    mdir.mkdir()
+    rng = np.random.default_rng(5)
+    edge8 = np.array([0, 126, 127, 128, 129, 255], np.uint8)
+    edge16 = np.array([0, 32766, 32767, 32768, 32769, 65535], np.uint16)
+    images = [
+        np.tile(edge8, (4, 1)),  # gray
+        np.stack([np.tile(edge8, (4, 1)), rng.permutation(np.tile(edge8, (4, 1)).T).T, np.zeros((4, 6), np.uint8)], 2),
+        np.dstack([np.full((4, 6), 255, np.uint8)] * 3 + [np.tile(edge8[::-1], (4, 1))]),  # alpha varies
+        np.dstack([np.tile(edge8, (4, 1))] * 3 + [np.full((4, 6), 255, np.uint8)]),  # opaque: colour
+        np.stack([np.tile(edge16, (4, 1))] * 3, 2),
+        np.dstack([np.tile(edge16, (4, 1))] * 3 + [np.tile(edge16[::-1], (4, 1))]),
+    ]
+    expected = []
+    for k, img in enumerate(images):
+        cv2.imwrite(str(mdir / f"{k}.png"), img)
+        f = read_image(mdir / f"{k}.png")  # float in [0, 1]: the rule as it reads
+        rule = f[:, :, 3] > 0.5 if f.shape[2] == 4 and f[:, :, 3].min() < 1.0 else f[:, :, :3].max(axis=2) > 0.5
+        native = _binarize(read_image(mdir / f"{k}.png", native=True))
+        np.testing.assert_array_equal(native, rule, err_msg=f"image {k}")
+        expected.append(rule)
+    clip = load_clip(folder, masks=[mdir])
+    np.testing.assert_array_equal(clip.masks[..., 0] > 0, np.stack(expected))
+    assert np.stack(expected).any(axis=(1, 2)).all() and not np.stack(expected).all(axis=(1, 2)).any()
+
+
 # --------------------------------------------------------- pixel formats
 def test_gray_rgba_and_16bit_frames_become_rgb_float(tmp_path):
     folder = tmp_path / "mixed_formats"
@@ -370,3 +404,32 @@ def test_read_only_folder_raises_output_error(tmp_path):
             write_png(folder / "x.png", np.zeros((4, 4, 3), np.float32))
     finally:
         folder.chmod(0o700)
+
+
+def test_frames_are_decoded_on_threads_in_order_with_a_bounded_window():
+    """`_ordered_map` (how frames and masks are decoded): the results come in the items' order,
+    no more than `window` items are started ahead of the consumer, and an item's exception is
+    raised at its turn, after every earlier result."""
+    import threading
+
+    from backend.clip.source import _ordered_map
+
+    lock = threading.Lock()
+    started = []
+
+    def fn(i):
+        with lock:
+            started.append(i)
+        if i == 30:
+            raise ClipError("item 30 is corrupt")
+        return i * i
+
+    got = []
+    with pytest.raises(ClipError, match="item 30"):
+        for k, v in enumerate(_ordered_map(fn, list(range(50)), window=4)):
+            with lock:
+                # started: items 0..k consumed or in hand, plus at most the window submitted ahead
+                assert len(started) <= k + 1 + 4
+            got.append(v)
+    assert got == [i * i for i in range(30)]
+    assert len(started) <= 30 + 4
