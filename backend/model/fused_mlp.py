@@ -221,6 +221,11 @@ class KernelOptions:
     bwd_programs_per_sm: int = 4  # large: one block per program (no persistent loop)
     bwd_stages: int = 1  # no software pipelining: 30 KB of shared memory instead of 200-320 KB
     bwd_hoist: bool = False  # weights loaded once per program instead of once per block
+    # the products' precision where TF32 is allowed (torch.backends.cuda.matmul.allow_tf32):
+    # "tf32", or "tf32x3" (three TF32 products per product: about fp32's accuracy; to measure
+    # against fused-3's 4.2e-2 gradient error with scripts/bench/mlp_accuracy.py). Without TF32
+    # the products are IEEE fp32 either way.
+    tf32_mode: str = "tf32"
 
 
 def _env_options() -> KernelOptions:
@@ -229,7 +234,13 @@ def _env_options() -> KernelOptions:
     if not raw:
         return KernelOptions()
     import json
-    return replace(KernelOptions(), **json.loads(raw))
+    return _checked(replace(KernelOptions(), **json.loads(raw)))
+
+
+def _checked(o: KernelOptions) -> KernelOptions:
+    if o.tf32_mode not in ("tf32", "tf32x3"):
+        raise ValueError(f"fused MLP option tf32_mode must be tf32 or tf32x3, got {o.tf32_mode!r}")
+    return o
 
 
 # the last launch's compiled-kernel facts per direction (registers, spills, shared memory)
@@ -286,12 +297,14 @@ def _reference_grads(x, ws, bs, gy, need_dx: bool):
 def set_options(**kw) -> KernelOptions:
     """Change the launch shapes process-wide (benchmarks); returns the previous options."""
     global OPTIONS
-    old, OPTIONS = OPTIONS, replace(OPTIONS, **kw)
+    old, OPTIONS = OPTIONS, _checked(replace(OPTIONS, **kw))
     return old
 
 
 def _prec() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreting() else "ieee"
+    if not torch.backends.cuda.matmul.allow_tf32 or interpreting():
+        return "ieee"
+    return OPTIONS.tf32_mode
 
 
 _SMS: dict[int, int] = {}

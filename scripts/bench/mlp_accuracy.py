@@ -4,7 +4,8 @@
     python scripts/bench/mlp_accuracy.py [--points 120000] [--json OUT.json]
 
 The texture network (32 -> 4 x 64 -> 3) and the mapping (3 -> 4 x 256 -> 2) at a step's sizes:
-torch and triton (fused / chain), each with TF32 and with IEEE fp32 products; per tensor the
+torch and triton (fused / chain), each with TF32 and with IEEE fp32 products, and the fused kernels
+with 3xTF32 products (``tf32_mode = "tf32x3"``); per tensor the
 norm-relative error against the same network evaluated in float64 (the truth for both), so a
 difference between two TF32 paths can be told apart from an error of one of them.
 """
@@ -34,6 +35,15 @@ def _grads(net, x, gy, need_dx, backend, tf32):
     return [y.detach(), *[g.detach() for g in torch.autograd.grad(y, targets, gy)]], net.path(xs)
 
 
+def _set_tf32_mode(mode: str) -> str:
+    """The fused kernels' tf32_mode for the next calls; returns the previous one (no triton: a no-op)."""
+    try:
+        from backend.model import fused_mlp
+    except ImportError:
+        return mode
+    return fused_mlp.set_options(tf32_mode=mode).tf32_mode
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", type=int, default=120_000)
@@ -52,19 +62,26 @@ def main() -> int:
         yd = reference_mlp(xd, act, *params)
         truth = [yd.detach(), *torch.autograd.grad(yd, ([xd] if need_dx else []) + params, gy.double())]
         names = ["y"] + (["dx"] if need_dx else []) + [n for n, _ in net.named_parameters()]
-        for backend in ("torch", "triton"):
-            for tf32 in (True, False):
-                try:
-                    got, path = _grads(net, x, gy, need_dx, backend, tf32)
-                except Exception as exc:
-                    rows.append({"net": name, "backend": backend, "tf32": tf32, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                    print(json.dumps(rows[-1]), flush=True)
-                    continue
-                err = {n: float(f"{float((g.double() - t).norm() / t.norm().clamp_min(1e-300)):.2e}")
-                       for n, g, t in zip(names, got, truth)}
-                rows.append({"net": name, "points": args.points, "backend": backend, "path": path, "tf32": tf32,
-                             "max": max(err.values()), "worst": max(err, key=err.get), "rel_err_vs_fp64": err})
+        # (backend, TF32 allowed, the fused kernels' tf32_mode): "tf32x3" is three TF32 products a
+        # product in the fused 64-wide kernels (the mapping's chain keeps cuBLAS either way)
+        for backend, tf32, mode in (("torch", True, "tf32"), ("torch", False, "tf32"), ("triton", True, "tf32"),
+                                    ("triton", True, "tf32x3"), ("triton", False, "tf32")):
+            old = _set_tf32_mode(mode)
+            try:
+                got, path = _grads(net, x, gy, need_dx, backend, tf32)
+            except Exception as exc:
+                rows.append({"net": name, "backend": backend, "tf32": tf32, "tf32_mode": mode,
+                             "error": f"{type(exc).__name__}: {exc}"[:200]})
                 print(json.dumps(rows[-1]), flush=True)
+                continue
+            finally:
+                _set_tf32_mode(old)
+            err = {n: float(f"{float((g.double() - t).norm() / t.norm().clamp_min(1e-300)):.2e}")
+                   for n, g, t in zip(names, got, truth)}
+            rows.append({"net": name, "points": args.points, "backend": backend, "path": path, "tf32": tf32,
+                         "tf32_mode": mode if backend == "triton" and tf32 else None,
+                         "max": max(err.values()), "worst": max(err, key=err.get), "rel_err_vs_fp64": err})
+            print(json.dumps(rows[-1]), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.json:
         args.json.write_text(json.dumps({"device": device_name(dev), "rows": rows}, indent=1))
