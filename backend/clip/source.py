@@ -340,7 +340,7 @@ def _read_folder(folder: Path, frame_range, long_edge: int, max_frames: Optional
         stack.append(sizer(frame, str(p)))
     if end < stop:
         _warn_capped(folder, start, end, stop, max_frames)
-    return (stack.result(), [p.name for p in files[start:end]], total, (start, end),
+    return (stack.result(), [p.name for p in chosen], total, (start, end),
             sizer.source_size, None)
 
 

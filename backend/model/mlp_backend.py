@@ -38,11 +38,7 @@ def resolve(name: str, device: torch.device | str) -> str:
         raise ConfigError(f"model.mlp_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     device = torch.device(device)
     if name == "auto":
-        if device.type != "cuda":
-            return "torch"
-        if AUTO_CUDA == "triton" and importlib.util.find_spec("triton") is None:
-            return "torch"  # the fused kernels are an accelerator, never a requirement
-        return AUTO_CUDA
+        return AUTO_CUDA if device.type == "cuda" else "torch"
     if name == "triton" and importlib.util.find_spec("triton") is None:
         if device.type != "cuda":
             return "torch"  # what every backend is on a CPU anyway

@@ -242,6 +242,26 @@ def test_chain_cuda_sizes(B):
     test_chain_matches_reference((3, 256, 2, 4, B))
 
 
+def _texture_case():
+    """Fresh random texture-network weights (32 -> 4 x 64 -> 3) at 100k points: (seed, ws, bs, x, gy)."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    ws, bs = _net(32, 64, 3, 4, gen)
+    B = 100_000
+    x = (torch.randn(B, 32, generator=gen) * 0.7).to(DEVICE).requires_grad_()
+    gy = torch.randn(B, 3, generator=gen).to(DEVICE)
+    return seed, ws, bs, x, gy
+
+
+def _float64_truth(x, ws, bs, gy):
+    """The reference network in float64: its output and the gradients (input, weights, biases)."""
+    xd = x.detach().double().requires_grad_()
+    wd = [w.detach().double().requires_grad_() for w in ws]
+    bd = [b.detach().double().requires_grad_() for b in bs]
+    yd = _reference(xd, wd, bd)
+    return yd, torch.autograd.grad(yd, [xd] + wd + bd, gy.double())
+
+
 @pytest.mark.skipif(not CUDA, reason="TF32 products: needs CUDA")
 def test_fused_cuda_tf32():
     """TF32 rounds operands to 10 mantissa bits (rel. 2^-11 each): values move by ~1e-3 through 4
@@ -250,18 +270,9 @@ def test_fused_cuda_tf32():
     activations; torch keeps cuBLAS's) therefore differ by far more than 1e-3 in the gradients
     (4-7e-2 measured on the H200 at 120-200k points). The yardstick is a float64 evaluation: the
     fused TF32 path may be no further from it than twice the PyTorch TF32 path."""
-    seed = _seed()
-    gen = torch.Generator().manual_seed(seed)
-    ws, bs = _net(32, 64, 3, 4, gen)
-    B = 100_000
-    x = (torch.randn(B, 32, generator=gen) * 0.7).to(DEVICE).requires_grad_()
-    gy = torch.randn(B, 3, generator=gen).to(DEVICE)
+    seed, ws, bs, x, gy = _texture_case()
     y, ref, got, want = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, True, True)
-    xd = x.detach().double().requires_grad_()
-    wd = [w.detach().double().requires_grad_() for w in ws]
-    bd = [b.detach().double().requires_grad_() for b in bs]
-    yd = _reference(xd, wd, bd)
-    truth = torch.autograd.grad(yd, [xd] + wd + bd, gy.double())
+    yd, truth = _float64_truth(x, ws, bs, gy)
     assert _rel(y.double(), yd) < 5e-3, f"forward (seed {seed})"
     for i, (g, w, t) in enumerate(zip(got, want, truth)):
         e_fused, e_torch = _rel(g.double(), t), _rel(w.double(), t)
@@ -310,25 +321,16 @@ def test_a_training_step_through_the_interpreted_kernels_matches_the_reference()
     losses and every parameter's gradient against the torch reference. The residual-consistency
     term is off for the gradients (its gradient at initialisation is rounding noise:
     test_train.py, test_the_residual_consistency_gradient_at_initialisation_is_ill_conditioned)."""
-    from backend.train import Trainer
-
+    from .test_fused_mlp_train import _step_grads
     from .test_train import tiny_clip, tiny_config
 
     clip = tiny_clip(n_frames=6, h=24, w=32)
     base = tiny_config(iterations=20).replace(model={"texture_width": 64, "residual_width": 64, "alpha_width": 64},
-                                              train={"tf32": False}, losses={"residual_consistent": 0.0})
-
-    def step(backend):
-        tr = Trainer(clip, None, base.replace(model={"mlp_backend": backend}), torch.device("cpu"))
-        assert tr.model.mlp_backend == backend
-        losses = tr.compute_losses(1)
-        tr.optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        return ({k: float(v) for k, v in losses.items()},
-                {n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
-
-    ref_l, ref_g = step("torch")
-    got_l, got_g = step("triton")
+                                              train={"tf32": False, "device": "cpu"},
+                                              losses={"residual_consistent": 0.0})
+    ref_l, ref_g, ref_tr = _step_grads(clip, base.replace(model={"mlp_backend": "torch"}))
+    got_l, got_g, got_tr = _step_grads(clip, base.replace(model={"mlp_backend": "triton"}))
+    assert (ref_tr.model.mlp_backend, got_tr.model.mlp_backend) == ("torch", "triton")
     assert not fm.FALLBACK
     assert list(got_l) == list(ref_l)
     for k, v in ref_l.items():
@@ -369,23 +371,14 @@ def test_fused_cuda_tf32x3_is_close_to_fp32():
     """With `tf32_mode = "tf32x3"` the fused kernels' TF32 products are three TF32 products each
     (the operands' rounding error corrected): against a float64 evaluation the gradients must be
     within a few times the IEEE fp32 path's error, not TF32's 1e-2 (test_fused_cuda_tf32)."""
-    seed = _seed()
-    gen = torch.Generator().manual_seed(seed)
-    ws, bs = _net(32, 64, 3, 4, gen)
-    B = 100_000
-    x = (torch.randn(B, 32, generator=gen) * 0.7).to(DEVICE).requires_grad_()
-    gy = torch.randn(B, 3, generator=gen).to(DEVICE)
+    seed, ws, bs, x, gy = _texture_case()
     old = fm.set_options(tf32_mode="tf32x3")
     try:
         y3, _, got3, _ = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, True, True)
     finally:
         fm.set_options(**vars(old))
     y, _, got, _ = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, True, False)  # IEEE fp32
-    xd = x.detach().double().requires_grad_()
-    wd = [w.detach().double().requires_grad_() for w in ws]
-    bd = [b.detach().double().requires_grad_() for b in bs]
-    yd = _reference(xd, wd, bd)
-    truth = torch.autograd.grad(yd, [xd] + wd + bd, gy.double())
+    yd, truth = _float64_truth(x, ws, bs, gy)
     assert _rel(y3.double(), yd) < 10 * _rel(y.double(), yd) + 1e-6, f"forward (seed {seed})"
     for i, (g3, g, t) in enumerate(zip(got3, got, truth)):
         e3, e = _rel(g3.double(), t), _rel(g.double(), t)
