@@ -68,7 +68,11 @@ def _base_config(name: str):
 
 def load(args) -> Clip:
     if args.clip == "tennis":
-        return load_clip(args.tennis, long_edge=768)
+        return load_clip(args.tennis, long_edge=args.long_edge or 768)
+    if args.clip == "folder":  # any clip folder (video_frames/, masks/), e.g. car-turn
+        if args.clip_dir is None:
+            raise SystemExit("--clip folder needs --clip-dir DIR")
+        return load_clip(args.clip_dir, long_edge=args.long_edge or 768)
     from backend.synthetic import make_synthetic_clip
     w, h = (int(v) for v in args.size.split("x"))
     return make_synthetic_clip(width=w, height=h, n_frames=args.frames, seed=0).clip
@@ -122,7 +126,10 @@ def time_to(evals, target):
 
 def add_clip_arguments(ap: argparse.ArgumentParser) -> None:
     """The clip options that ``load`` and ``flow_for`` read (shared with step_profile.py)."""
-    ap.add_argument("--clip", choices=("tennis", "synthetic"), default="tennis")
+    ap.add_argument("--clip", choices=("tennis", "synthetic", "folder"), default="tennis")
+    ap.add_argument("--clip-dir", type=Path, help="--clip folder: the clip's folder (video_frames/, masks/)")
+    ap.add_argument("--long-edge", type=int, default=0,
+                    help="tennis/folder: load at this long edge (default 768)")
     ap.add_argument("--tennis", type=Path, default=ROOT.parent / "shared" / "data" / "tennis")
     ap.add_argument("--size", default="1920x1080", help="synthetic clip size")
     ap.add_argument("--frames", type=int, default=100, help="synthetic clip frames")
