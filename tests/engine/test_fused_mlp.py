@@ -66,6 +66,48 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _off_kink(x, ws, bs, margin: float = 1e-4) -> torch.Tensor:
+    """Rows whose hidden pre-activations (in float64) are all at least ``margin`` from 0.
+
+    Two float32 evaluations that sum in different orders differ by ~1e-7, so a pre-activation
+    within that of 0 can be on in one and off in the other: that row's input gradient then differs
+    by a whole term. At 333k rows a few rows do so, and torch's own float32 input gradient is
+    1.5e-4 to 7.8e-4 off the float64 one (test_relu_kinks_explain_float32_input_gradient_gaps). The
+    weight gradients sum over rows, where one row is 1/B of the sum; the input gradient is compared
+    on these rows (about 95 % of them at ``margin`` 1e-4)."""
+    h = x.detach().double()
+    keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    for w, b in zip(ws[:-1], bs[:-1]):
+        h = torch.nn.functional.linear(h, w.detach().double(), b.detach().double())
+        keep &= (h.abs() >= margin).all(1)
+        h = torch.relu(h)
+    return keep
+
+
+def test_relu_kinks_explain_float32_input_gradient_gaps():
+    """Why _off_kink: on the CPU, torch's float32 input gradient of a 4-layer ReLU network at 333k
+    rows is ~1e-4 off float64 (seed 4: 7.8e-4, three rows' ReLU masks differ), and float32 rounding
+    (2e-7) on the rows away from the kinks."""
+    gen = torch.Generator().manual_seed(4)
+    dims = [32, 64, 64, 64, 3]
+    ws, bs = [], []
+    for a, b in zip(dims[:-1], dims[1:]):
+        ws.append((torch.rand(b, a, generator=gen) * 2 - 1) / a ** 0.5)
+        bs.append((torch.rand(b, generator=gen) * 2 - 1) * 0.3)
+    B = 333_333
+    x = torch.randn(B, 32, generator=gen) * 0.7
+    gy = torch.randn(B, 3, generator=gen)
+    x32 = x.clone().requires_grad_()
+    (g32,) = torch.autograd.grad(_reference(x32, ws, bs), [x32], gy)
+    xd = x.double().requires_grad_()
+    (gd,) = torch.autograd.grad(_reference(xd, [w.double() for w in ws], [b.double() for b in bs]), [xd],
+                                gy.double())
+    rows = _off_kink(x, ws, bs)
+    assert _rel(g32.double(), gd) > 1e-5
+    assert _rel(g32.double()[rows], gd[rows]) < 1e-6
+    assert 0.9 < float(rows.float().mean()) < 0.99
+
+
 def _run_against_reference(fn, x, ws, bs, gy, need_dx, tf32):
     """Forward and gradients (input where asked, weights, biases) of `fn` and of the
     reference, with TF32 products on or off for both, restored afterwards."""
@@ -91,9 +133,10 @@ def _check(in_dim, width, out_dim, layers, B, need_dx=True, tol=2e-6, tf32=False
     assert y.shape == ref.shape
     assert _rel(y, ref) < tol, f"forward {_rel(y, ref):.2e} {where}"
     names = (["dx"] if need_dx else []) + [f"dW{i}" for i in range(layers)] + [f"db{i}" for i in range(layers)]
+    rows = _off_kink(x, ws, bs)
     for name, g, w in zip(names, got, want):
         assert g.shape == w.shape, name
-        err = _rel(g, w)
+        err = _rel(g[rows], w[rows]) if name == "dx" else _rel(g, w)
         if name == f"db{layers - 1}":
             # the output bias's gradient is the column sums of gy: with one output and a few hundred
             # rows the sum can cancel to near 0 (seed 77: 8e-5 relative), so its rounding is judged
@@ -200,9 +243,11 @@ def test_chain_matches_reference(case):
     gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
     y, ref, got, want = _run_against_reference(fm.chain_mlp, x, ws, bs, gy, True, False)
     assert _rel(y, ref) < 2e-6, f"forward (seed {seed})"
+    rows = _off_kink(x, ws, bs)  # the input gradient (0) where no ReLU is at its kink
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape
-        assert _rel(g, w) < 1e-5, f"gradient {i} {_rel(g, w):.2e} (seed {seed})"
+        err = _rel(g[rows], w[rows]) if i == 0 else _rel(g, w)
+        assert err < 1e-5, f"gradient {i} {err:.2e} (seed {seed})"
 
 
 def test_mlp_module_paths_agree():
@@ -380,6 +425,9 @@ def test_fused_cuda_tf32x3_is_close_to_fp32():
     y, _, got, _ = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, True, False)  # IEEE fp32
     yd, truth = _float64_truth(x, ws, bs, gy)
     assert _rel(y3.double(), yd) < 10 * _rel(y.double(), yd) + 1e-6, f"forward (seed {seed})"
+    rows = _off_kink(x, ws, bs)  # the input gradient (0) where no ReLU is at its kink
     for i, (g3, g, t) in enumerate(zip(got3, got, truth)):
+        if i == 0:
+            g3, g, t = g3[rows], g[rows], t[rows]
         e3, e = _rel(g3.double(), t), _rel(g.double(), t)
         assert e3 < 10 * e + 1e-4, f"tensor {i}: tf32x3 {e3:.2e}, fp32 {e:.2e} (seed {seed})"
