@@ -52,6 +52,10 @@ class ModelConfig:
     uv_init: str = "seed"
     texture_grid: GridConfig = field(default_factory=GridConfig)
     xyt_grid: GridConfig = field(default_factory=GridConfig)
+    # grids sized from the shot (backend/train/schedule.py, shot_grids): each hash table holds at
+    # least a working frame's pixels (at most 2^21 entries) and the space-time grid's finest level
+    # resolves half the frame's long edge; never smaller than texture_grid / xyt_grid
+    grids_from_shot: bool = False
     # "auto" picks triton on CUDA, then tinycudann if importable, else torch
     encoding_backend: str = "auto"
     # how the MLPs are evaluated in training (backend/model/mlp_backend.py): torch (the reference),
@@ -312,6 +316,10 @@ def preset(name: str) -> Config:
         # atlases fitted to their layer: objects from their mask track, the background from the
         # camera motion (docs/atlas.md, docs/deviations.md)
         cfg.model.uv_init = "fit"
+        # hash tables and the space-time grid's finest level from the shot's size: unchanged at
+        # tennis's 448x256 or at long edge 768; at 1080p 2^21 tables and a finest space-time level
+        # of 960 (car-turn, 150 s budget: +0.58 dB, atlas-only +0.21 dB, docs/benchmarks.md)
+        cfg.model.grids_from_shot = True
         cfg.export.atlas_size = 0  # sized from the mapping: sharp atlases at any resolution
     elif name == "fast":
         # time to quality on a GPU (docs/deviations.md, docs/benchmarks.md): 4x the seed's batch with

@@ -158,7 +158,8 @@ def decompose(source: str | Path, out_dir: str | Path, config: Config,
                extra_report={"load_seconds": round(load_seconds, 3), "setup_seconds": round(setup_seconds, 3),
                              "flow_seconds": round(flow_seconds, 3),
                              "flow_method": getattr(flow, "method", cfg.clip.flow_method),
-                             "schedule": trainer.plan.to_dict(), "training_memory": memory})
+                             "schedule": trainer.plan.to_dict(), "grids": trainer.grids_report(),
+                             "training_memory": memory})
     progress(Progress("done", fraction=1.0, message=f"wrote {out}"))
     return out
 

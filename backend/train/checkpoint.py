@@ -85,7 +85,7 @@ _EXECUTION_ONLY = {"model": ("mlp_backend",)}
 
 
 # fields added since checkpoints were first written, with the value an older checkpoint trained with
-_ADDED = {"model": {"uv_init": "seed"}}
+_ADDED = {"model": {"uv_init": "seed", "grids_from_shot": False}}
 
 
 def _comparable(section, name: str):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from ..errors import ConfigError
@@ -198,6 +198,38 @@ def estimate_export_s(width: int, height: int, frames: int, layers: int, device_
     if kind == "cpu" and step_s and batch_size > 0:
         return EXPORT_STEP_FRACTION * width * height * frames / batch_size * step_s + fixed
     return EXPORT_S_PER_PIXEL_FRAME[kind] * width * height * frames * max(layers, 1) / 2.0 + fixed
+
+
+#: Shot-sized grids (``model.grids_from_shot``): the largest hash table (2^21 entries x 16 levels x
+#: 2 float32 features is 256 MiB a grid, three times that with Adam's moments).
+MAX_SHOT_LOG2_TABLE = 21
+#: ... and the space-time (residual, alpha) grid's finest level resolves this share of the working
+#: frame's long edge.
+XYT_FINEST_SHARE = 0.5
+
+
+def shot_grids(texture, xyt, width: int, height: int) -> tuple:
+    """``(texture, xyt, reason)``: the hash grids (``GridConfig``) grown to the working frame.
+
+    Each table gets at least as many entries as a frame has pixels (rounded up to a power of two,
+    at most ``2^MAX_SHOT_LOG2_TABLE``); the space-time grid's per-level scale puts its finest level
+    at ``XYT_FINEST_SHARE`` x the long edge. Neither ever shrinks below the configured grid, so
+    tennis (448x256) and long edge 768 keep the ``fast`` grids (2^19; scale 1.25); 1920x1080 gets
+    2^21 tables and a space-time scale of 1.314 (finest level 960)."""
+    log2 = min(math.ceil(math.log2(max(width * height, 2))), MAX_SHOT_LOG2_TABLE)
+    finest = XYT_FINEST_SHARE * max(width, height)
+    levels = max(xyt.n_levels - 1, 1)
+    scale = round((finest / xyt.base_resolution) ** (1.0 / levels), 3) if finest > xyt.base_resolution else 0.0
+    tex = replace(texture, log2_hashmap_size=max(texture.log2_hashmap_size, log2))
+    st = replace(xyt, log2_hashmap_size=max(xyt.log2_hashmap_size, log2),
+                 per_level_scale=max(xyt.per_level_scale, scale))
+    if (tex, st) == (texture, xyt):
+        reason = f"grids as configured (at least a {width}x{height} frame's pixels already)"
+    else:
+        reason = (f"grids from the shot ({width}x{height}): texture 2^{tex.log2_hashmap_size}, space-time "
+                  f"2^{st.log2_hashmap_size} at scale {st.per_level_scale:g} (finest level "
+                  f"{st.base_resolution * st.per_level_scale ** levels:.0f})")
+    return tex, st, reason
 
 
 def budget_margin_s(budget_s: float) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -194,6 +194,11 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)  # Linear-layer initialisation
         self.data = TrainingData(clip, flow, self.device)
         self.geom = self.data.geometry
+        self.grids_reason = None
+        if self.cfg.model.grids_from_shot:  # the resolved grids are this trainer's config (checkpoints)
+            tex, xyt, self.grids_reason = S.shot_grids(self.cfg.model.texture_grid, self.cfg.model.xyt_grid,
+                                                       self.geom.width, self.geom.height)
+            self.cfg = self.cfg.replace(model={"texture_grid": asdict(tex), "xyt_grid": asdict(xyt)})
         self.model = LayeredModel(self.data.n_layers, self.cfg.model, self.device, seed=self.cfg.train.seed)
         t = self.cfg.train
         cuda = self.device.type == "cuda"
@@ -223,6 +228,12 @@ class Trainer:
                                             [0, -1]], device=self.device)
 
     # ---------------------------------------------------------------- helpers
+    def grids_report(self) -> dict:
+        """The hash grids this trainer built (report.json ``grids``), and why."""
+        m = self.cfg.model
+        return {"from_shot": m.grids_from_shot, "texture": asdict(m.texture_grid), "xyt": asdict(m.xyt_grid),
+                "reason": self.grids_reason or "grids as configured"}
+
     @property
     def n_layers(self) -> int:
         return self.model.n_layers
@@ -535,6 +546,9 @@ class Trainer:
         # pretraining it is said in that phase
         self.progress(Progress("train" if st.pretrained else "pretrain", iteration=st.iteration,
                                iterations=total, message="[schedule] " + self.plan.reason()))
+        if self.grids_reason:
+            self.progress(Progress("train" if st.pretrained else "pretrain", iteration=st.iteration,
+                                   iterations=total, message="[grids] " + self.grids_reason))
         if not st.pretrained:
             self.progress(Progress("pretrain", message="mapping pretraining"))
             self.pretrain()

@@ -4,6 +4,7 @@ a time budget measured from the real step time, the plan in report.json and acro
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -126,6 +127,48 @@ def test_the_chosen_plan_survives_resume(tmp_path):
     assert second.state.iteration == first.horizon and second.plan.replans == chosen["replans"]
 
 
+def test_grids_from_the_shot_grow_with_the_frame_and_never_shrink():
+    q = preset("quality")
+    assert q.model.grids_from_shot and not preset("fast").model.grids_from_shot
+    tex, xyt = q.model.texture_grid, q.model.xyt_grid
+    assert (tex.log2_hashmap_size, xyt.log2_hashmap_size, xyt.per_level_scale) == (19, 19, 1.25)
+    t, x, why = S.shot_grids(tex, xyt, 1920, 1080)  # 2.07 M pixels: 2^21; finest level 16 * s^15 = 960
+    assert (t.log2_hashmap_size, x.log2_hashmap_size, x.per_level_scale) == (21, 21, 1.314)
+    assert x.base_resolution * x.per_level_scale ** (x.n_levels - 1) == pytest.approx(960, rel=2e-3)
+    assert t.per_level_scale == tex.per_level_scale and t.n_levels == tex.n_levels
+    assert "2^21" in why and "1920x1080" in why
+    for w, h in ((448, 256), (768, 432)):  # tennis, long edge 768: fast's grids
+        t, x, why = S.shot_grids(tex, xyt, w, h)
+        assert (t, x) == (tex, xyt) and "as configured" in why
+    t, x, _ = S.shot_grids(tex, xyt, 1280, 720)  # 0.92 M pixels: 2^20; finest level 640
+    assert (t.log2_hashmap_size, x.per_level_scale) == (20, pytest.approx((640 / 16) ** (1 / 15), abs=1e-3))
+    t, x, _ = S.shot_grids(tex, xyt, 3840, 2160)  # 4K: the tables stop at 2^21
+    assert t.log2_hashmap_size == x.log2_hashmap_size == S.MAX_SHOT_LOG2_TABLE
+    big = replace(tex, log2_hashmap_size=22)
+    assert S.shot_grids(big, replace(xyt, per_level_scale=1.5), 1920, 1080)[:2] == (
+        big, replace(xyt, log2_hashmap_size=21, per_level_scale=1.5))
+
+
+def test_a_trainer_with_grids_from_the_shot_builds_them_and_resumes_them(tmp_path):
+    torch.set_num_threads(1)
+    clip = tiny_clip(w=48, h=32)  # 1,536 pixels: tables of 2^11 where the config says 2^10
+    cfg = tiny_config(iterations=4).replace(model={"grids_from_shot": True})
+    messages = []
+    tr = Trainer(clip, None, cfg, torch.device("cpu"), progress=lambda p: messages.append(p.message))
+    assert cfg.model.texture_grid.log2_hashmap_size == 10  # the caller's config is left alone
+    rep = tr.grids_report()
+    assert rep["from_shot"] and rep["texture"]["log2_hashmap_size"] == rep["xyt"]["log2_hashmap_size"] == 11
+    assert tr.model.textures[0].grid.cfg.log2_hashmap_size == 11
+    assert tr.model.residuals[0].grid.cfg.log2_hashmap_size == 11
+    tr.train(checkpoint_dir=tmp_path / "ck")
+    assert any(m.startswith("[grids] grids from the shot (48x32)") for m in messages)
+    again = Trainer(clip, None, cfg, torch.device("cpu"))
+    assert load_checkpoint(tmp_path / "ck", again) == 4
+    plain = Trainer(clip, None, tiny_config(iterations=4), torch.device("cpu"))
+    with pytest.raises(Exception, match=r"\[model\] differs"):
+        load_checkpoint(tmp_path / "ck", plain)
+
+
 def test_decompose_reports_the_plan(tmp_path):
     from backend.pipeline import decompose
     from backend.synthetic import make_synthetic_clip
@@ -140,3 +183,5 @@ def test_decompose_reports_the_plan(tmp_path):
     assert rep["iterations"] == sch["iterations"] == 16 and sch["samples_per_pixel"] == pytest.approx(16 * 256 / 6144, abs=1e-3)
     assert "samples/pixel" in sch["reason"] and "budget" in sch["reason"]
     assert rep["training_memory"]["host"]["peak_vmrss_gb"] > 0
+    assert rep["grids"] == {"from_shot": False, "texture": rep["config"]["model"]["texture_grid"],
+                            "xyt": rep["config"]["model"]["xyt_grid"], "reason": "grids as configured"}
