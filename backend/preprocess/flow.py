@@ -325,12 +325,15 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
         if fn is None:
             fn = make_flow_method(method, weights=weights, device=device, batch_size=batch_size,
                                   iters=iters)
-        if cache is not None:
-            forward, backward = _compute_into_cache(cache, clip, fn, (fw, fh), tag, progress)
+        if cache is not None:  # the consistency masks are computed with the flows, into the cache
+            forward, backward = _compute_into_cache(cache, clip, fn, (fw, fh), tag, progress, consistency_px)
         else:
             forward = allocate(shape, np.float32, mmap_threshold=mmap_threshold)
             backward = allocate(shape, np.float32, mmap_threshold=mmap_threshold)
-            _run_method(fn, clip, forward, backward, (fw, fh), progress)
+            ok = allocate((2,) + shape[:3], bool, mmap_threshold=mmap_threshold)
+            _run_method(fn, clip, forward, backward, (fw, fh), progress, ok, consistency_px)
+            return FlowSet(forward=forward, backward=backward, forward_ok=ok[0], backward_ok=ok[1],
+                           method=method, consistency_px=float(consistency_px), tag=tag)
     fok, bok = _consistency(forward, backward, consistency_px, cache, mmap_threshold)
     return FlowSet(forward=forward, backward=backward, forward_ok=fok, backward_ok=bok,
                    method=method, consistency_px=float(consistency_px), tag=tag)
@@ -350,38 +353,82 @@ def _tag(method: str, weights: WeightsSpec, fw: int, fh: int, iters: int = 12) -
 
 
 def _run_method(fn: FlowFn, clip: Clip, forward: np.ndarray, backward: np.ndarray,
-                flow_size: tuple[int, int], progress: Optional[Callable[[int, int], None]]) -> None:
-    """Fill ``forward``/``backward`` (any float dtype, maybe memmaps) pair chunk by pair chunk."""
+                flow_size: tuple[int, int], progress: Optional[Callable[[int, int], None]],
+                ok: Optional[np.ndarray] = None, consistency_px: float = 1.0) -> None:
+    """Fill ``forward``/``backward`` (any float dtype, maybe memmaps) pair chunk by pair chunk, and
+    ``ok`` ((2, F-1, H, W) bool) with their consistency when given.
+
+    The flow method runs on the reading thread; each pair's rescaling to the working size, its
+    store (float16 for the cache) and its consistency masks (from the stored values, so a cached
+    rerun gives the same masks) run on a pool while the method computes the next chunk: at 1080p
+    they were most of the phase on a 16-core host, one thread after another. At most two chunks
+    are in flight; the results do not depend on the number of threads."""
     total = clip.n_frames - 1
     H, W = clip.height, clip.width
     fw, fh = flow_size
     step = _PAIRS_PER_CALL
     if hasattr(fn, "pairs_per_batch"):
         step = max(step, (fn.pairs_per_batch(fh, fw) + 1) // 2)  # both directions go in one call
-    for i in range(0, total, step):
-        j = min(total, i + step)
-        u8 = clip.frames_uint8(i, j + 1)
-        if (fw, fh) != (W, H):
-            u8 = np.stack([cv2.resize(np.ascontiguousarray(f), (fw, fh), interpolation=cv2.INTER_AREA)
-                           for f in u8])
-        first, second = u8[:-1], u8[1:]
-        both = fn(np.concatenate([first, second]), np.concatenate([second, first]))
-        if both.shape != (2 * (j - i), fh, fw, 2):
-            raise ValueError(f"flow method returned shape {both.shape} for {2 * (j - i)} pairs "
-                             f"of {fw}x{fh} frames")
-        if (fw, fh) != (W, H):
-            both = rescale_flow(both, W, H)
-        forward[i:j] = both[: j - i]
-        backward[i:j] = both[j - i:]
-        if progress is not None:
-            progress(j, total)
+    resize = (fw, fh) != (W, H)
+
+    def finish(both: np.ndarray, a: int, n: int, k: int) -> None:
+        f, b = both[a], both[n + a]
+        forward[k] = rescale_flow(f, W, H) if resize else f
+        backward[k] = rescale_flow(b, W, H) if resize else b
+        if ok is not None:
+            _pair_consistency(forward, backward, ok, k, consistency_px)
+
+    in_flight: list[tuple[int, list]] = []
+
+    def settle(keep: int) -> None:
+        while len(in_flight) > keep:
+            done, futures = in_flight.pop(0)
+            for f in futures:
+                f.result()
+            if progress is not None:
+                progress(done, total)
+
+    with ThreadPoolExecutor(dis_workers(), thread_name_prefix="flow-finish") as pool:
+        try:
+            for i in range(0, total, step):
+                j = min(total, i + step)
+                u8 = clip.frames_uint8(i, j + 1)
+                if resize:
+                    u8 = np.stack([cv2.resize(np.ascontiguousarray(f), (fw, fh), interpolation=cv2.INTER_AREA)
+                                   for f in u8])
+                first, second = u8[:-1], u8[1:]
+                both = fn(np.concatenate([first, second]), np.concatenate([second, first]))
+                if both.shape != (2 * (j - i), fh, fw, 2):
+                    raise ValueError(f"flow method returned shape {both.shape} for {2 * (j - i)} pairs "
+                                     f"of {fw}x{fh} frames")
+                settle(1)  # the chunk before the previous one is written before a new one starts
+                in_flight.append((j, [pool.submit(finish, both, k - i, j - i, k) for k in range(i, j)]))
+            settle(0)
+        except BaseException:
+            for _, futures in in_flight:
+                for f in futures:
+                    f.cancel()
+            raise
+
+
+def _pair_consistency(forward: np.ndarray, backward: np.ndarray, ok: np.ndarray, k: int, px: float) -> None:
+    """``ok[0, k]``, ``ok[1, k]``: pair k's forward and backward consistency, from the stored flows."""
+    f = np.asarray(forward[k], np.float32)
+    b = np.asarray(backward[k], np.float32)
+    ok[0, k] = consistency_mask(f, b, px)
+    ok[1, k] = consistency_mask(b, f, px)
+
+
+def _ok_name(px: float) -> str:
+    return f"ok_{float(px):g}.npy"
 
 
 def _consistency(forward: np.ndarray, backward: np.ndarray, px: float, cache: Optional[Path],
                  mmap_threshold: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Consistency masks, chunk by chunk; cached as ``ok_<px>.npy`` (2, F-1, H, W) bool."""
+    """Consistency masks of stored flows, pair by pair on a pool; cached as ``ok_<px>.npy``
+    (2, F-1, H, W) bool."""
     n = forward.shape[0]
-    path = cache / f"ok_{float(px):g}.npy" if cache is not None else None
+    path = cache / _ok_name(px) if cache is not None else None
     if path is not None and path.is_file():
         try:
             ok = np.load(path, mmap_mode="r")
@@ -394,13 +441,8 @@ def _consistency(forward: np.ndarray, backward: np.ndarray, px: float, cache: Op
         ok = np.lib.format.open_memmap(tmp, mode="w+", dtype=bool, shape=(2,) + forward.shape[:3])
     else:
         ok = allocate((2,) + forward.shape[:3], bool, mmap_threshold=mmap_threshold)
-    step = 8
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        f = np.asarray(forward[a:b], np.float32)
-        k = np.asarray(backward[a:b], np.float32)
-        ok[0, a:b] = consistency_mask(f, k, px)
-        ok[1, a:b] = consistency_mask(k, f, px)
+    with ThreadPoolExecutor(dis_workers(), thread_name_prefix="flow-ok") as pool:
+        list(pool.map(lambda k: _pair_consistency(forward, backward, ok, k, px), range(n)))
     if path is not None:
         ok.flush()
         del ok
@@ -445,18 +487,22 @@ def _read_cache(folder: Path, shape: tuple[int, ...],
 
 
 def _compute_into_cache(folder: Path, clip: Clip, fn: FlowFn, flow_size: tuple[int, int], tag: str,
-                        progress) -> tuple[np.ndarray, np.ndarray]:
-    """Compute straight into float16 .npy memmaps in a temporary folder, then move it into place."""
+                        progress, consistency_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Compute straight into float16 .npy memmaps in a temporary folder (with the consistency masks
+    for ``consistency_px``), then move it into place."""
     shape = (clip.n_frames - 1, clip.height, clip.width, 2)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         tmp.mkdir(parents=True)
         forward = np.lib.format.open_memmap(tmp / "forward.npy", mode="w+", dtype=np.float16, shape=shape)
         backward = np.lib.format.open_memmap(tmp / "backward.npy", mode="w+", dtype=np.float16, shape=shape)
-        _run_method(fn, clip, forward, backward, flow_size, progress)
+        ok = np.lib.format.open_memmap(tmp / _ok_name(consistency_px), mode="w+", dtype=bool,
+                                       shape=(2,) + shape[:3])
+        _run_method(fn, clip, forward, backward, flow_size, progress, ok, consistency_px)
         forward.flush()
         backward.flush()
-        del forward, backward
+        ok.flush()
+        del forward, backward, ok
         (tmp / "meta.json").write_text(json.dumps({"version": _CACHE_VERSION, "tag": tag,
                                                    "shape": list(shape), "source": clip.source,
                                                    "frame_range": list(clip.frame_range)}),

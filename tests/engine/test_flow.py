@@ -95,6 +95,54 @@ def test_compute_flow_shapes_directions_and_progress():
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_compute_flow_finishes_pairs_on_a_pool_with_the_serial_result(tmp_path, monkeypatch, cached):
+    """Rescaling, storing and the consistency masks run per pair on a pool beside the flow method:
+    flows and masks equal a one-thread run's and the masks are those of the stored flows (what a
+    cache hit would compute), with the pairs spread over several chunks."""
+    import backend.preprocess.flow as F
+    rng = np.random.default_rng(3)
+    seq = np.stack([sinusoids(96, 64, SHIFT * i) for i in range(12)])
+    seq = np.clip(seq.astype(np.int16) + rng.integers(-8, 9, seq.shape), 0, 255).astype(np.uint8)
+    clip = Clip(frames=seq.astype(np.float32) / 255, source="pool", frame_range=(0, 12))
+    runs = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(F, "dis_workers", lambda w=workers: w)
+        monkeypatch.setattr(F, "_PAIRS_PER_CALL", 2)  # 11 pairs: 6 chunks, two in flight
+        calls = []
+        runs[workers] = F.compute_flow(clip, long_edge=64, progress=lambda d, n: calls.append(d),
+                                       cache_dir=tmp_path / f"c{workers}" if cached else None)
+        assert calls == [2, 4, 6, 8, 10, 11]
+    one, pooled = runs[1], runs[3]
+    for a, b in ((one.forward, pooled.forward), (one.backward, pooled.backward),
+                 (one.forward_ok, pooled.forward_ok), (one.backward_ok, pooled.backward_ok)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    f, b = np.asarray(pooled.forward, np.float32), np.asarray(pooled.backward, np.float32)
+    np.testing.assert_array_equal(pooled.forward_ok, consistency_mask(f, b, 1.0))
+    np.testing.assert_array_equal(pooled.backward_ok, consistency_mask(b, f, 1.0))
+    assert pooled.forward_ok.mean() > 0.5
+    if cached:  # the masks were written with the flows: a hit reads them back
+        hit = F.compute_flow(clip, long_edge=64, cache_dir=tmp_path / "c3")
+        np.testing.assert_array_equal(np.asarray(hit.forward_ok), np.asarray(pooled.forward_ok))
+
+
+def test_a_failing_flow_method_stops_the_pool_and_leaves_no_cache(tmp_path, monkeypatch):
+    import backend.preprocess.flow as F
+    clip = shifted_clip(n=8, width=48, height=32)
+    monkeypatch.setattr(F, "_PAIRS_PER_CALL", 2)
+    seen = []
+
+    def flaky(src, dst):
+        seen.append(len(src))
+        if len(seen) == 3:
+            raise RuntimeError("flow method broke")
+        return dis_flow(src, dst, workers=1)
+
+    with pytest.raises(RuntimeError, match="broke"):
+        F._compute_into_cache(tmp_path / "flow_x", clip, flaky, (48, 32), "t", None)
+    assert not any(tmp_path.iterdir())  # neither the folder nor its temporary
+
+
 def test_compute_flow_needs_two_frames():
     clip = Clip(frames=np.zeros((1, 8, 8, 3), np.float32), source="one")
     with pytest.raises(ClipError, match="at least 2 frames"):
