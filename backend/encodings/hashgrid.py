@@ -80,6 +80,8 @@ class _Layout:
         # resolutions grow with the level, so dense levels come first, hashed ones after
         self.n_dense = sum(1 for lv in layout if not lv.hashed)
         assert all(lv.hashed for lv in layout[self.n_dense:])
+        # a hashed level holds the whole table, a power of two: its modulo is a mask
+        assert all(lv.size & (lv.size - 1) == 0 for lv in layout[self.n_dense:])
         self.scale = torch.tensor([lv.scale for lv in layout], dtype=torch.float32, device=device)
         self.scale64 = self.scale.to(torch.float64)
         self.size = torch.tensor([lv.size for lv in layout], dtype=torch.int64, device=device)
@@ -123,7 +125,7 @@ def _corner_rows(x: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Ten
         gh = g[:, nd:]
         per_dim = [torch.stack(((gh[..., k] * lay.primes[k]) & _U32, ((gh[..., k] + 1) * lay.primes[k]) & _U32), -1)
                    for k in range(lay.n_dims)]
-        hashed = _outer(per_dim, torch.bitwise_xor) % lay.size[nd:, None]
+        hashed = _outer(per_dim, torch.bitwise_xor) & (lay.size[nd:, None] - 1)  # hashed sizes are 2^k
         parts.append(hashed)
     idx = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return idx + lay.offset[None, :, None], frac
@@ -139,12 +141,29 @@ def _corner_weights(frac: torch.Tensor, lay: _Layout) -> torch.Tensor:
     return _outer(_weight_factors(frac, lay), torch.mul)
 
 
+#: one element of a native type for a table row of n_features values (bytes -> dtype)
+_ROW_TYPES = {4: torch.float32, 8: torch.float64, 16: torch.complex128}
+
+
+def _gather(table: torch.Tensor, rows: torch.Tensor, n_features: int) -> torch.Tensor:
+    """``table.view(-1, F)[rows]`` (shape ``rows.shape + (F,)``), bit for bit.
+
+    Where a row's F values fill one element of a native type (2 float32 features: 8 bytes), the
+    table is gathered as a 1-D tensor of those: one index per row instead of two-dimensional
+    advanced indexing, about 3x faster on a CPU (the CPU step's largest kernel)."""
+    wide = _ROW_TYPES.get(n_features * table.element_size())
+    if (n_features > 1 and wide is not None and table.is_contiguous()
+            and table.storage_offset() * table.element_size() % (n_features * table.element_size()) == 0):
+        return table.view(wide)[rows].view(table.dtype).view(*rows.shape, n_features)
+    return table.view(-1, n_features)[rows]
+
+
 class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, table: torch.Tensor, lay: _Layout) -> torch.Tensor:  # type: ignore[override]
         rows, frac = _corner_rows(x, lay)
         w = _corner_weights(frac, lay)
-        feats = table.view(-1, lay.n_features)[rows]  # (B, L, C, F)
+        feats = _gather(table, rows, lay.n_features)  # (B, L, C, F)
         out = torch.einsum("blc,blcf->blf", w, feats)
         ctx.save_for_backward(x, table, rows, frac)
         ctx.lay = lay
@@ -164,17 +183,30 @@ class _HashGridFunction(torch.autograd.Function):
             grad_table.index_add_(0, rows.reshape(-1), contrib.to(table.dtype))
             grad_table = grad_table.view(-1)
         if ctx.needs_input_grad[0]:
-            feats = table.view(-1, lay.n_features)[rows].to(torch.float32)  # (B, L, C, F)
+            feats = _gather(table, rows, lay.n_features).to(torch.float32)  # (B, L, C, F)
             gf = torch.einsum("blcf,blf->blc", feats, g)  # dL/d(weight of corner c)
-            factors = _weight_factors(frac, lay)
-            slope = lay.slope
-            cols = []
-            for k in range(lay.n_dims):
-                parts = [slope.expand_as(f) if j == k else f for j, f in enumerate(factors)]
-                dw = _outer(parts, torch.mul)  # d weight / d frac_k, (B, L, C)
-                cols.append(((gf * dw).sum(-1) * lay.scale).sum(-1))
-            grad_x = torch.stack(cols, dim=-1).to(x.dtype)
+            grad_x = _frac_gradient(gf, _weight_factors(frac, lay), lay).to(x.dtype)
         return grad_x, grad_table, None
+
+
+def _frac_gradient(gf: torch.Tensor, factors: list[torch.Tensor], lay: _Layout) -> torch.Tensor:
+    """dL/dx (B, d) from dL/d(corner weight) ``gf`` (B, L, C) and the per-dimension factors.
+
+    The weight of corner c is prod_j f_j(bit_j(c)) with f_j = (1 - frac_j, frac_j), so its
+    derivative along frac_k swaps f_k for (-1, +1): dL/dfrac_k is the difference of ``gf``'s two
+    halves along bit k, contracted with the other dimensions' factors. Corner bits as axes (the
+    last axis is bit 0) make both a slice and a small product."""
+    B, L, d = gf.shape[0], gf.shape[1], lay.n_dims
+    cube = gf.reshape(B, L, *([2] * d))
+    cols = []
+    for k in range(d):
+        axis = 2 + (d - 1 - k)
+        t = cube.select(axis, 1) - cube.select(axis, 0)  # (B, L, 2, ...) over the other bits
+        for j in range(d):  # contract the remaining bits from the lowest (the last axis) up
+            if j != k:
+                t = (t * factors[j].view(B, L, *([1] * (t.dim() - 3)), 2)).sum(-1)
+        cols.append((t * lay.scale).sum(-1))
+    return torch.stack(cols, dim=-1)
 
 
 class TorchHashGrid(nn.Module):
