@@ -90,7 +90,6 @@ class _Layout:
         self.stride = torch.tensor([[lv.resolution ** k for k in range(n_dims)]
                                     for lv in layout[:self.n_dense]], dtype=torch.int64, device=device)
         self.primes = torch.tensor(PRIMES[:n_dims], dtype=torch.int64, device=device)
-        self.slope = torch.tensor([-1.0, 1.0], device=device)  # d(1 - f, f)/df
 
 
 def _outer(parts: list[torch.Tensor], op) -> torch.Tensor:
