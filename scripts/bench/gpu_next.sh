@@ -7,9 +7,10 @@
 #   OUT=/tmp/o CLIP=path/to/car-turn bash scripts/bench/gpu_next.sh carturn   (~10 min)
 #     car-turn at 1920x1080 through `decompose --preset quality --budget 9m15s` with the shot-sized
 #     grids (2^21, space-time scale 1.314): against 32.22 dB with the 2^19 grids (2026-12-02)
-#   OUT=/tmp/o bash scripts/bench/gpu_next.sh e2e       (~7 min)
-#     100 frames of synthetic 1080p, `decompose --preset fast`, torch then fused MLPs: the flow
-#     phase's new pool in the end-to-end time, and the fused PSNR gap of fused-4 repeated or not
+#   OUT=/tmp/o bash scripts/bench/gpu_next.sh e2e       (~10 min)
+#     100 frames of synthetic 1080p, `decompose --preset fast`, torch, fused (TF32) and fused with
+#     3xTF32 MLPs: the flow phase's new pool in the end-to-end time, the fused PSNR gap of fused-4
+#     repeated or not, and 3xTF32's cost
 set -u
 OUT=${OUT:?set OUT}
 PY=${PYTHON:-python3}
@@ -39,10 +40,12 @@ carturn)
 e2e)
   CLIP=${CLIP:-/tmp/syn1080}
   [ -d "$CLIP/video_frames" ] || $PY -c "from backend.synthetic import make_synthetic_clip as m; m(1920, 1080, 100, seed=0).write('$CLIP')"
-  for v in torch triton; do
+  for v in torch triton triton3; do
+    E=""; [ $v = triton3 ] && E='{"tf32_mode": "tf32x3"}'
     t0=$SECONDS
-    timeout -s INT 200 $PY -m backend decompose "$CLIP" --out "/tmp/d_$v" --preset fast --long-edge 1920 \
-      --flow-long-edge 960 --device cuda --set model.mlp_backend=$v > "$OUT/$v.log" 2>&1
+    NEURAL_ATLAS_FUSED_OPTIONS="$E" timeout -s INT 200 $PY -m backend decompose "$CLIP" --out "/tmp/d_$v" \
+      --preset fast --long-edge 1920 --flow-long-edge 960 --device cuda --set model.mlp_backend=${v%3} \
+      > "$OUT/$v.log" 2>&1
     echo "$v rc=$? wall $((SECONDS - t0)) s" | tee -a "$OUT/parts.txt"
     cp "/tmp/d_$v/report.json" "$OUT/report_$v.json" 2>/dev/null
     rm -rf "/tmp/d_$v"
