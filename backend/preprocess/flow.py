@@ -248,7 +248,8 @@ def consistency_mask(f12: np.ndarray, f21: np.ndarray, threshold: float = 1.0) -
     a = f12[None] if single else f12
     b = f21[None] if single else f21
     h, w = a.shape[1:3]
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    gx = np.arange(w, dtype=np.float32)[None, :]  # broadcast: no full-size coordinate grids
+    gy = np.arange(h, dtype=np.float32)[:, None]
     ok = np.empty(a.shape[:3], bool)
     for i in range(a.shape[0]):
         mx = gx + a[i, ..., 0]
