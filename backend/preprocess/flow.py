@@ -318,6 +318,7 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
     tag = _tag(method, weights, fw, fh, iters)
     cache = Path(cache_dir) / f"flow_{method}_{clip.fingerprint()}" if cache_dir is not None else None
     flows = _read_cache(cache, shape, tag) if cache is not None else None
+    ok = None  # masks computed with the flows (no cache); a cache holds its own
     if flows is not None:  # a hit: RAFT is never built, torchvision not even imported
         forward, backward = flows
         if progress is not None:
@@ -333,9 +334,8 @@ def compute_flow(clip: Clip, method: str = "dis", cache_dir: Optional[Union[str,
             backward = allocate(shape, np.float32, mmap_threshold=mmap_threshold)
             ok = allocate((2,) + shape[:3], bool, mmap_threshold=mmap_threshold)
             _run_method(fn, clip, forward, backward, (fw, fh), progress, ok, consistency_px)
-            return FlowSet(forward=forward, backward=backward, forward_ok=ok[0], backward_ok=ok[1],
-                           method=method, consistency_px=float(consistency_px), tag=tag)
-    fok, bok = _consistency(forward, backward, consistency_px, cache, mmap_threshold)
+    fok, bok = (ok[0], ok[1]) if ok is not None else _consistency(forward, backward, consistency_px, cache,
+                                                                  mmap_threshold)
     return FlowSet(forward=forward, backward=backward, forward_ok=fok, backward_ok=bok,
                    method=method, consistency_px=float(consistency_px), tag=tag)
 

@@ -544,11 +544,12 @@ class Trainer:
         st = self.state
         # the plan is said up front; phases never go back (docs/protocol.md), so before the
         # pretraining it is said in that phase
-        self.progress(Progress("train" if st.pretrained else "pretrain", iteration=st.iteration,
-                               iterations=total, message="[schedule] " + self.plan.reason()))
+        phase = "train" if st.pretrained else "pretrain"
+        self.progress(Progress(phase, iteration=st.iteration, iterations=total,
+                               message="[schedule] " + self.plan.reason()))
         if self.grids_reason:
-            self.progress(Progress("train" if st.pretrained else "pretrain", iteration=st.iteration,
-                                   iterations=total, message="[grids] " + self.grids_reason))
+            self.progress(Progress(phase, iteration=st.iteration, iterations=total,
+                                   message="[grids] " + self.grids_reason))
         if not st.pretrained:
             self.progress(Progress("pretrain", message="mapping pretraining"))
             self.pretrain()

@@ -67,12 +67,10 @@ def _base_config(name: str):
 
 
 def load(args) -> Clip:
-    if args.clip == "tennis":
-        return load_clip(args.tennis, long_edge=args.long_edge or 768)
-    if args.clip == "folder":  # any clip folder (video_frames/, masks/), e.g. car-turn
-        if args.clip_dir is None:
+    if args.clip in ("tennis", "folder"):  # folder: any clip folder (video_frames/, masks/), e.g. car-turn
+        if args.clip == "folder" and args.clip_dir is None:
             raise SystemExit("--clip folder needs --clip-dir DIR")
-        return load_clip(args.clip_dir, long_edge=args.long_edge or 768)
+        return load_clip(args.tennis if args.clip == "tennis" else args.clip_dir, long_edge=args.long_edge or 768)
     from backend.synthetic import make_synthetic_clip
     w, h = (int(v) for v in args.size.split("x"))
     return make_synthetic_clip(width=w, height=h, n_frames=args.frames, seed=0).clip

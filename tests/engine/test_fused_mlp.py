@@ -46,13 +46,13 @@ def _seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def _net(in_dim: int, width: int, out_dim: int, layers: int, gen: torch.Generator):
+def _net(in_dim: int, width: int, out_dim: int, layers: int, gen: torch.Generator, device=DEVICE):
     """Weights like nn.Linear's init, biases larger so that some ReLUs are off."""
     dims = [in_dim] + [width] * (layers - 1) + [out_dim]
     ws, bs = [], []
     for a, b in zip(dims[:-1], dims[1:]):
-        ws.append(((torch.rand(b, a, generator=gen) * 2 - 1) / a ** 0.5).to(DEVICE).requires_grad_())
-        bs.append(((torch.rand(b, generator=gen) * 2 - 1) * 0.3).to(DEVICE).requires_grad_())
+        ws.append(((torch.rand(b, a, generator=gen) * 2 - 1) / a ** 0.5).to(device).requires_grad_())
+        bs.append(((torch.rand(b, generator=gen) * 2 - 1) * 0.3).to(device).requires_grad_())
     return ws, bs
 
 
@@ -66,8 +66,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _off_kink(x, ws, bs, margin: float = 1e-4) -> torch.Tensor:
-    """Rows whose hidden pre-activations (in float64) are all at least ``margin`` from 0.
+def _off_kink(pre: list[torch.Tensor], margin: float = 1e-4) -> torch.Tensor:
+    """Rows whose hidden pre-activations (``_pre_activations``) are all at least ``margin`` from 0.
 
     Two float32 evaluations that sum in different orders differ by ~1e-7, so a pre-activation
     within that of 0 can be on in one and off in the other: that row's input gradient then differs
@@ -75,9 +75,9 @@ def _off_kink(x, ws, bs, margin: float = 1e-4) -> torch.Tensor:
     1.5e-4 to 7.8e-4 off the float64 one (test_relu_kinks_explain_float32_input_gradient_gaps). The
     weight gradients sum over rows, where one row is 1/B of the sum; the input gradient is compared
     on these rows (about 95 % of them at ``margin`` 1e-4)."""
-    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for pre in _pre_activations(x, ws, bs):
-        keep &= (pre.abs() >= margin).all(1)
+    keep = torch.ones(pre[0].shape[0], dtype=torch.bool, device=pre[0].device)
+    for p in pre:
+        keep &= (p.abs() >= margin).all(1)
     return keep
 
 
@@ -95,11 +95,7 @@ def test_relu_kinks_explain_float32_input_gradient_gaps():
     rows is ~1e-4 off float64 (seed 4: 7.8e-4, three rows' ReLU masks differ), and float32 rounding
     (2e-7) on the rows away from the kinks."""
     gen = torch.Generator().manual_seed(4)
-    dims = [32, 64, 64, 64, 3]
-    ws, bs = [], []
-    for a, b in zip(dims[:-1], dims[1:]):
-        ws.append((torch.rand(b, a, generator=gen) * 2 - 1) / a ** 0.5)
-        bs.append((torch.rand(b, generator=gen) * 2 - 1) * 0.3)
+    ws, bs = _net(32, 64, 3, 4, gen, device="cpu")
     B = 333_333
     x = torch.randn(B, 32, generator=gen) * 0.7
     gy = torch.randn(B, 3, generator=gen)
@@ -108,7 +104,7 @@ def test_relu_kinks_explain_float32_input_gradient_gaps():
     xd = x.double().requires_grad_()
     (gd,) = torch.autograd.grad(_reference(xd, [w.double() for w in ws], [b.double() for b in bs]), [xd],
                                 gy.double())
-    rows = _off_kink(x, ws, bs)
+    rows = _off_kink(_pre_activations(x, ws, bs))
     assert _rel(g32.double(), gd) > 1e-5
     assert _rel(g32.double()[rows], gd[rows]) < 1e-6
     assert 0.9 < float(rows.float().mean()) < 0.99
@@ -139,14 +135,15 @@ def _check(in_dim, width, out_dim, layers, B, need_dx=True, tol=2e-6, tf32=False
     assert y.shape == ref.shape
     assert _rel(y, ref) < tol, f"forward {_rel(y, ref):.2e} {where}"
     names = (["dx"] if need_dx else []) + [f"dW{i}" for i in range(layers)] + [f"db{i}" for i in range(layers)]
-    rows = _off_kink(x, ws, bs)
+    pre = _pre_activations(x, ws, bs)
+    rows = _off_kink(pre)
     # the output layer's gradients are sums over the rows of terms with gy's random signs: they
     # cancel (the output bias with one output and a few hundred rows, seed 77: 8e-5 relative; the
     # output weight at 333k rows: ~1e-5 relative, 2.4e-6..4.7e-6 at 40k in the interpreter), so
     # their rounding is judged against the sum of the terms' magnitudes, as a summation's error
     # bound is; the input gradient on the rows away from the ReLU kinks (_off_kink)
-    h_last = torch.relu(_pre_activations(x, ws, bs)[-1]).float() if layers > 1 else x.detach().abs()
-    magnitude = {f"dW{layers - 1}": gy.abs().t() @ h_last.abs(), f"db{layers - 1}": gy.abs().sum(0)}
+    h_last = torch.relu(pre[-1]).float() if layers > 1 else x.detach().abs()  # >= 0
+    magnitude = {f"dW{layers - 1}": gy.abs().t() @ h_last, f"db{layers - 1}": gy.abs().sum(0)}
     for name, g, w in zip(names, got, want):
         assert g.shape == w.shape, name
         err = _rel(g[rows], w[rows]) if name == "dx" else _rel(g, w)
@@ -253,7 +250,7 @@ def test_chain_matches_reference(case):
     gy = torch.randn(B, out_dim, generator=gen).to(DEVICE)
     y, ref, got, want = _run_against_reference(fm.chain_mlp, x, ws, bs, gy, True, False)
     assert _rel(y, ref) < 2e-6, f"forward (seed {seed})"
-    rows = _off_kink(x, ws, bs)  # the input gradient (0) where no ReLU is at its kink
+    rows = _off_kink(_pre_activations(x, ws, bs))  # the input gradient (0) where no ReLU is at its kink
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape
         err = _rel(g[rows], w[rows]) if i == 0 else _rel(g, w)
@@ -435,7 +432,7 @@ def test_fused_cuda_tf32x3_is_close_to_fp32():
     y, _, got, _ = _run_against_reference(fm.fused_mlp, x, ws, bs, gy, True, False)  # IEEE fp32
     yd, truth = _float64_truth(x, ws, bs, gy)
     assert _rel(y3.double(), yd) < 10 * _rel(y.double(), yd) + 1e-6, f"forward (seed {seed})"
-    rows = _off_kink(x, ws, bs)  # the input gradient (0) where no ReLU is at its kink
+    rows = _off_kink(_pre_activations(x, ws, bs))  # the input gradient (0) where no ReLU is at its kink
     for i, (g3, g, t) in enumerate(zip(got3, got, truth)):
         if i == 0:
             g3, g, t = g3[rows], g[rows], t[rows]
