@@ -26,6 +26,7 @@ from ..model import LayeredModel
 from ..progress import CancelToken, Progress, ProgressFn, null_progress
 from .data import TrainingData
 from . import schedule as S
+from .pretrain import MappingPretraining
 from .uvfit import UVInit, fit_init, seed_init
 
 
@@ -309,53 +310,32 @@ class Trainer:
 
     def pretrain(self) -> None:
         """Each mapping towards its target uv = s_i * (xy + o_i(f)) (uvfit.py; the seed's s_i * xy):
-        pretrain_iterations * F Adam steps per layer. Sets the model's per-layer scales s_i. Under a
-        time budget each layer stops after the pass over the frames that ends past its share
-        (``schedule.PRETRAIN_SHARE`` of the budget, split over the layers)."""
+        pretrain_iterations passes over the frames, one Adam step of every layer per frame
+        (backend/train/pretrain.py; a CUDA graph on CUDA). Sets the model's per-layer scales s_i.
+        Under a time budget pretraining stops after the pass that ends past its share
+        (``schedule.PRETRAIN_SHARE`` of the budget)."""
         t, g = self.cfg.train, self.geom
         init = self.uv_init()
         self.model.uv_scales = [float(s) for s in init.scales]
-        total = self.n_layers * t.pretrain_iterations * g.n_frames
-        done, t0 = 0, time.perf_counter()
-        limit = S.PRETRAIN_SHARE * t.budget_s / self.n_layers if t.budget_s > 0 else None
-        passes = []
-        for i in range(self.n_layers):
-            t_layer = time.perf_counter()
-            passes.append(0)
-            params = list(self.model.mappings[i].parameters())
-            opt = torch.optim.Adam([{"params": params, "lr": t.mapping_lr}])
-            fitted = init.mode == "fit"
-            windowed = fitted and i < self.n_layers - 1  # half the points where the object's target is in (-1, 1)
-            for _ in range(t.pretrain_iterations):
-                for f in range(g.n_frames):
-                    x = self._randint(0, g.width, (t.pretrain_batch_size,))
-                    y = self._randint(0, g.height, (t.pretrain_batch_size,))
-                    xyt = g.xyt(x.float(), y.float(), torch.full_like(x, f, dtype=torch.float32))
-                    if windowed:
-                        n = t.pretrain_batch_size // 2
-                        lo, hi = init.window(i, f)
-                        r = torch.rand(n, 2, device=self.device, generator=self.gen)
-                        xy = g.px(lo + r * (hi - lo))
-                        xy = torch.stack([xy[:, 0].clamp(0, g.width - 1), xy[:, 1].clamp(0, g.height - 1)], -1)
-                        xyt[:n] = g.xyt(xy[:, 0], xy[:, 1], torch.full((n,), float(f), device=self.device))
-                    target = init.target(i, xyt[:, :2], f)
-                    if fitted:  # tanh reaches (-1, 1) only
-                        target = target.clamp(-0.98, 0.98)
-                    loss = (target - self.model.mapping(i, xyt)).norm(dim=1).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    done += 1
-                passes[-1] += 1
-                if limit is not None and time.perf_counter() - t_layer > limit:
-                    break
-                if self.cancel.cancelled:
-                    raise Cancelled(self.cancel.reason or "cancelled")
-                self.progress(Progress("pretrain", fraction=0.05 * done / max(total, 1),
-                                       message=f"mapping pretraining, layer {i}",
-                                       elapsed_s=time.perf_counter() - t0))
+        run = MappingPretraining(self.model, g, init, t.pretrain_batch_size, t.mapping_lr, self.gen,
+                                 self.device, self.use_graphs)
+        limit = S.PRETRAIN_SHARE * t.budget_s if t.budget_s > 0 else None
+        passes, t0 = 0, time.perf_counter()
+        for _ in range(t.pretrain_iterations):
+            for f in range(g.n_frames):
+                run.step(f)
+            passes += 1
+            if self.cancel.cancelled:
+                raise Cancelled(self.cancel.reason or "cancelled")
+            self.progress(Progress("pretrain", fraction=0.05 * passes / max(t.pretrain_iterations, 1),
+                                   message=f"mapping pretraining, {self.n_layers} layers",
+                                   elapsed_s=time.perf_counter() - t0))
+            if limit is not None and time.perf_counter() - t0 > limit:
+                break
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if limit is not None:
-            self.plan.pretrain_passes = passes
+            self.plan.pretrain_passes = [passes] * self.n_layers
         self.state.pretrained = True
         self.state.pretrain_seconds += time.perf_counter() - t0
 
