@@ -116,8 +116,16 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     dev = trainer.device
     # each layer's own atlas size S_i (docs/atlas.md); export.atlas_size > 0 gives every layer that size
     sizes, auto_sizes = [int(cfg.export.atlas_size)] * N, None
+    phases: dict[str, float] = {}  # report.json "export_phases": where the export's time went
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - since, 3)
+        return now
+
     if cfg.export.atlas_size == 0:
         sizes, auto_sizes = auto_atlas_size(model, geom)
+    t_phase = lap("atlas_sizing", t0)
     S = max(sizes)  # report.json / bake meta "atlas_size": the largest, for readers of one size
     names = layer_names(clip)
     (out / "atlas").mkdir(parents=True, exist_ok=True)
@@ -126,6 +134,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     frames_dir = out / "frames"
 
     atlases = [render_atlas(lambda uv, i=i: model.texture(i, uv), sizes[i], dev) for i in range(N)]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_phase = lap("atlases", t_phase)
     seen = [torch.zeros(sizes[i], sizes[i], device=dev) for i in range(N)]
     mm = np.lib.format.open_memmap
     bake_maps = bool(cfg.export.bake)  # the per-frame maps the edit path renders from
@@ -153,8 +164,10 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
     if maps_note:
         progress(Progress("export", message=maps_note))
     writers = FrameWriters(cfg.export.workers or None)
+    phases["workers"] = writers.workers
     psnrs = []
     try:
+        t_phase = time.perf_counter()
         for f in range(F_):
             cancel.raise_if_cancelled()
             ev = evaluate_frame(model, geom, f)
@@ -187,7 +200,9 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                     jobs.append(png_job(frames_dir / name / f"{f:05d}.png", u8))
                     if name in sinks:
                         sinks[name].put(u8)
+            t_phase = lap("frames_device", t_phase)  # evaluation and the copies to the host
             writers.submit(jobs)
+            t_phase = lap("frames_waiting", t_phase)  # blocked on the writers (frames in flight)
             progress(Progress("export", fraction=0.9 + 0.08 * (f + 1) / F_, message=f"frame {f + 1}/{F_}"))
         # the atlases (complete now that every frame has splatted into ``seen``) on the same pool
         atlas_files = [str((out / "atlas" / f"layer_{i}.png").relative_to(out)) for i in range(N)]
@@ -198,6 +213,7 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
                           "atlas": atlas_files[i], "atlas_size": int(atlases[i].shape[0])} for i in range(N)])
         for name, sink in sinks.items():
             videos[name] = str(Path(sink.close()).relative_to(out))
+        t_phase = lap("finish", t_phase)  # the atlases' files, the last frames' jobs, the videos
     except BaseException:
         writers.abort()
         for sink in sinks.values():
@@ -232,6 +248,7 @@ def export_all(trainer, clip: Clip, out_dir: Path, cfg: Config, *, progress: Opt
         "seconds": round(st.seconds, 3),
         "pretrain_seconds": round(st.pretrain_seconds, 3),
         "export_seconds": round(time.perf_counter() - t0, 3),
+        "export_phases": phases,
         "iterations_per_second": round(st.iteration / st.seconds, 3) if st.seconds > 0 else None,
         "device": device_name(dev),
         "grid_backend": model.grid_backend,

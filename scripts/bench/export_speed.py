@@ -3,6 +3,7 @@
 
     python scripts/bench/export_speed.py --size 1920x1080 --frames 12
     python scripts/bench/export_speed.py --size 1920x1080 --frames 100 --full --preset fast --device cuda
+    python scripts/bench/export_speed.py --skip-part1 --full --frames 40 --device cuda --workers 8,16 --rounds 2
 
 Part 1 (always) writes what the export writes per frame for a 2-layer decomposition, from
 realistic images (smooth colour, noise, alpha ramps) already in host memory: 6 PNG streams,
@@ -15,8 +16,10 @@ the baked maps (uv float32, alpha and residual float16 memory-mapped) and 6 H.26
 * pooled: ``backend.export.sinks``: the frame's files on a thread pool, each video encoded
   from the frames as they come, no second PNG sequence.
 
-Part 2 (``--full``) times ``export_all`` itself on an untrained model of ``--preset`` (the
-cost does not depend on the weights): network evaluation on ``--device`` included.
+Part 2 (``--full``) times ``export_all`` itself on a model of ``--preset`` pretrained only (the
+cost does not depend on the weights beyond the atlas sizes, which the pretrained mapping gives
+as a trained shot's): network evaluation on ``--device`` included, at each ``--workers`` count
+(the rounds alternate them), with the report's ``export_phases``.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def part1(args, w: int, h: int) -> None:
     print(f"  pooled vs baseline: {times['baseline'] / times['pooled']:.2f}x")
 
 
-def part2(args, w: int, h: int) -> None:
+def part2(args, w: int, h: int) -> dict:
     import torch
 
     from backend.config import preset
@@ -125,15 +128,32 @@ def part2(args, w: int, h: int) -> None:
     clip = make_synthetic_clip(width=w, height=h, n_frames=args.frames, seed=0).clip
     cfg = preset(args.preset).replace(clip={"long_edge": max(w, h)}, train={"device": str(dev)})
     tr = Trainer(clip, None, cfg, dev)
-    out = Path(tempfile.mkdtemp(prefix="export-bench-"))
-    try:
-        t0 = time.perf_counter()
-        export_all(tr, clip, out, cfg)
-        sec = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    print(f"part 2: export_all, preset {args.preset}, {device_name(dev)}: {sec:.1f} s "
-          f"({sec / args.frames * 1000:.0f} ms/frame)")
+    tr.pretrain()  # the mapping at its pretraining target: atlas sizes as a trained shot's
+    counts = [int(v) for v in args.workers.split(",")] if args.workers else [0]
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    phases: dict[int, dict] = {}
+    print(f"part 2: export_all, preset {args.preset}, {device_name(dev)}, {args.frames} frames at {w}x{h}, "
+          f"writer threads {counts} (0: the default, {default_workers()})", flush=True)
+    for r in range(args.rounds):
+        for n in counts:
+            c = cfg.replace(export={"workers": n})
+            out = Path(tempfile.mkdtemp(prefix="export-bench-"))
+            try:
+                t0 = time.perf_counter()
+                rep = export_all(tr, clip, out, c)
+                times[n].append(time.perf_counter() - t0)
+                phases[n] = rep["export_phases"]
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            print(f"  round {r + 1}, {phases[n]['workers']:2d} threads: {times[n][-1]:6.1f} s "
+                  f"({times[n][-1] / args.frames * 1000:.0f} ms/frame)  phases {phases[n]}", flush=True)
+    base = min(times[counts[0]])
+    for n in counts:
+        print(f"  {phases[n]['workers']:2d} threads: best {min(times[n]):.1f} s, "
+              f"{base / min(times[n]):.2f}x against {phases[counts[0]]['workers']} threads")
+    return {"device": device_name(dev), "frames": args.frames, "size": [w, h], "preset": args.preset,
+            "atlas_sizes": rep["atlas_sizes"],
+            "runs": {str(phases[n]["workers"]): {"seconds": times[n], "phases": phases[n]} for n in counts}}
 
 
 def main() -> int:
@@ -144,6 +164,10 @@ def main() -> int:
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-encoder", action="store_true", help="part 1 as with no H.264 encoder installed")
+    ap.add_argument("--workers", help="part 2 at these writer-thread counts, e.g. 8,16 (the first is the baseline)")
+    ap.add_argument("--rounds", type=int, default=1, help="part 2's rounds (alternating the counts)")
+    ap.add_argument("--skip-part1", action="store_true")
+    ap.add_argument("--json", type=Path, help="part 2's results")
     args = ap.parse_args()
     global ENCODE
     ENCODE = ENCODE and not args.no_encoder
@@ -151,9 +175,13 @@ def main() -> int:
     import os
     import platform
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", flush=True)
-    part1(args, w, h)
+    if not args.skip_part1:
+        part1(args, w, h)
     if args.full:
-        part2(args, w, h)
+        res = part2(args, w, h)
+        if args.json:
+            import json
+            args.json.write_text(json.dumps(res, indent=1))
     return 0
 
 
