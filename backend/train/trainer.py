@@ -330,8 +330,11 @@ class Trainer:
             self.progress(Progress("pretrain", fraction=0.05 * passes / max(t.pretrain_iterations, 1),
                                    message=f"mapping pretraining, {self.n_layers} layers",
                                    elapsed_s=time.perf_counter() - t0))
-            if limit is not None and time.perf_counter() - t0 > limit:
-                break
+            if limit is not None:
+                if self.device.type == "cuda":  # replays are queued: the time is the device's
+                    torch.cuda.synchronize(self.device)
+                if time.perf_counter() - t0 > limit:
+                    break
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if limit is not None:
