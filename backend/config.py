@@ -154,7 +154,7 @@ class ExportConfig:
     # per-frame STMap + residual EXR sequences for Blender and Nuke (docs/atlas.md, "STMaps"):
     # "working" (maps/, the working resolution), "source" (maps_source/) or "none"
     maps: str = "working"
-    workers: int = 0  # threads encoding and writing the exported frames (0: the cores, 2 to 32)
+    workers: int = 0  # threads encoding and writing the exported frames (0: the cores, 2 to 8)
 
 
 @dataclass

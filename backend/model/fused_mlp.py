@@ -18,7 +18,10 @@ stays outside, in PyTorch: the same expression as the reference on (B, 3) values
 
 Matrix products are ``tl.dot`` in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set
 (what the PyTorch path does then: the ``fast`` preset) and in IEEE fp32 otherwise, fp32
-accumulation either way. Numerics against the PyTorch reference: tests/engine/test_fused_mlp.py.
+accumulation either way. TF32 operands are rounded to the nearest TF32 value first
+(``KernelOptions.tf32_mode = "tf32rn"``, :func:`_rna`), as cuBLAS does: the tensor cores
+truncate an fp32 operand, a bias that made the unrounded kernels ~1.6x further from float64
+than PyTorch's TF32 path and cost 2 dB at 1080p (docs/benchmarks.md, "Run fused-6"). Numerics against the PyTorch reference: tests/engine/test_fused_mlp.py.
 
 Wider networks (the 4 x 256 mapping) do not fit a program's registers: :func:`chain_mlp` keeps
 cuBLAS for the matrix products and fuses everything around them. Forward: each hidden layer is
@@ -70,11 +73,28 @@ def supports(in_dim: int, width: int, out_dim: int, n_mid: int) -> bool:
 
 
 @triton.jit
-def _linear(h, W, Bv, cin, cout, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+def _rna(x):
+    """fp32 -> the nearest TF32 value (ties away from zero, as cuBLAS's cvt.rna): the tensor cores
+    read a TF32 operand's top 19 bits, so an unrounded fp32 operand is truncated, a bias that
+    accumulates over K (tf32_mode "tf32rn")."""
+    i = x.to(tl.uint32, bitcast=True)
+    return ((i + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, RN: tl.constexpr):
+    if RN:
+        a = _rna(a)
+        b = _rna(b)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _linear(h, W, Bv, cin, cout, K: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr, RN: tl.constexpr):
     """h (BLOCK, KP) @ W^T + b for a torch weight W (N, K): the transposed tile is loaded masked."""
     wt = tl.load(W + cout[None, :] * K + cin[:, None], mask=(cin[:, None] < K) & (cout[None, :] < N), other=0.0)
     b = tl.load(Bv + cout, mask=cout < N, other=0.0)
-    return tl.dot(h, wt, input_precision=PREC) + b[None, :]
+    return _dot(h, wt, None, PREC, RN) + b[None, :]
 
 
 @triton.jit
@@ -86,7 +106,8 @@ def _weight(W, rows, cols, R: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _mlp_fwd_kernel(X, W0, B0, WM, BMID, WO, BO, Y, n, sx,
                     K0: tl.constexpr, K0P: tl.constexpr, WID: tl.constexpr, NO: tl.constexpr,
-                    NOP: tl.constexpr, NMID: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+                    NOP: tl.constexpr, NMID: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
+                    RN: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < n
@@ -94,10 +115,10 @@ def _mlp_fwd_kernel(X, W0, B0, WM, BMID, WO, BO, Y, n, sx,
     cw = tl.arange(0, WID)
     co = tl.arange(0, NOP)
     x = tl.load(X + rows[:, None].to(tl.int64) * sx + ck[None, :], mask=rmask[:, None] & (ck[None, :] < K0), other=0.0)
-    h = tl.maximum(_linear(x, W0, B0, ck, cw, K0, WID, PREC), 0.0)
+    h = tl.maximum(_linear(x, W0, B0, ck, cw, K0, WID, PREC, RN), 0.0)
     for l in tl.static_range(NMID):
-        h = tl.maximum(_linear(h, WM + l * WID * WID, BMID + l * WID, cw, cw, WID, WID, PREC), 0.0)
-    y = _linear(h, WO, BO, cw, co, WID, NO, PREC)
+        h = tl.maximum(_linear(h, WM + l * WID * WID, BMID + l * WID, cw, cw, WID, WID, PREC, RN), 0.0)
+    y = _linear(h, WO, BO, cw, co, WID, NO, PREC, RN)
     tl.store(Y + rows[:, None].to(tl.int64) * NO + co[None, :], y, mask=rmask[:, None] & (co[None, :] < NO))
 
 
@@ -106,7 +127,7 @@ def _mlp_bwd_kernel(X, W0, B0, WM, BMID, WO, BO, GY, GX, n, sx, n_blocks,
                     PW0, PB0, PWM, PBM, PWO, PBO,
                     K0: tl.constexpr, K0P: tl.constexpr, WID: tl.constexpr, NO: tl.constexpr,
                     NOP: tl.constexpr, NMID: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
-                    NEED_DX: tl.constexpr, HOIST: tl.constexpr):
+                    RN: tl.constexpr, NEED_DX: tl.constexpr, HOIST: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     ck = tl.arange(0, K0P)
@@ -139,54 +160,54 @@ def _mlp_bwd_kernel(X, W0, B0, WM, BMID, WO, BO, GY, GX, n, sx, n_blocks,
         x = tl.load(X + r64 * sx + ck[None, :], mask=rmask[:, None] & (ck[None, :] < K0), other=0.0)
         # forward, recomputed in registers
         if HOIST:
-            h0 = tl.maximum(tl.dot(x, tl.trans(w0), input_precision=PREC) + b0[None, :], 0.0)
+            h0 = tl.maximum(_dot(x, tl.trans(w0), None, PREC, RN) + b0[None, :], 0.0)
         else:
-            h0 = tl.maximum(_linear(x, W0, B0, ck, cw, K0, WID, PREC), 0.0)
+            h0 = tl.maximum(_linear(x, W0, B0, ck, cw, K0, WID, PREC, RN), 0.0)
         hl = h0
         if NMID >= 1:
             if HOIST:
-                h1 = tl.maximum(tl.dot(h0, tl.trans(wm0), input_precision=PREC) + bm0[None, :], 0.0)
+                h1 = tl.maximum(_dot(h0, tl.trans(wm0), None, PREC, RN) + bm0[None, :], 0.0)
             else:
-                h1 = tl.maximum(_linear(h0, WM, BMID, cw, cw, WID, WID, PREC), 0.0)
+                h1 = tl.maximum(_linear(h0, WM, BMID, cw, cw, WID, WID, PREC, RN), 0.0)
             hl = h1
         if NMID >= 2:
             if HOIST:
-                h2 = tl.maximum(tl.dot(h1, tl.trans(wm1), input_precision=PREC) + bm1[None, :], 0.0)
+                h2 = tl.maximum(_dot(h1, tl.trans(wm1), None, PREC, RN) + bm1[None, :], 0.0)
             else:
-                h2 = tl.maximum(_linear(h1, WM + WID * WID, BMID + WID, cw, cw, WID, WID, PREC), 0.0)
+                h2 = tl.maximum(_linear(h1, WM + WID * WID, BMID + WID, cw, cw, WID, WID, PREC, RN), 0.0)
             hl = h2
         # backward
         g = tl.load(GY + r64 * NO + co[None, :], mask=rmask[:, None] & (co[None, :] < NO), other=0.0)
-        acc_wo = tl.dot(tl.trans(g), hl, acc_wo, input_precision=PREC)
+        acc_wo = _dot(tl.trans(g), hl, acc_wo, PREC, RN)
         acc_bo += tl.sum(g, axis=0)
         if HOIST:
-            d = tl.dot(g, wo, input_precision=PREC)
+            d = _dot(g, wo, None, PREC, RN)
         else:
-            d = tl.dot(g, _weight(WO, co, cw, NO, WID), input_precision=PREC)
+            d = _dot(g, _weight(WO, co, cw, NO, WID), None, PREC, RN)
         d = tl.where(hl > 0.0, d, 0.0)
         if NMID >= 2:
-            acc_w2 = tl.dot(tl.trans(d), h1, acc_w2, input_precision=PREC)
+            acc_w2 = _dot(tl.trans(d), h1, acc_w2, PREC, RN)
             acc_b2 += tl.sum(d, axis=0)
             if HOIST:
-                d = tl.dot(d, wm1, input_precision=PREC)
+                d = _dot(d, wm1, None, PREC, RN)
             else:
-                d = tl.dot(d, _weight(WM + WID * WID, cw, cw, WID, WID), input_precision=PREC)
+                d = _dot(d, _weight(WM + WID * WID, cw, cw, WID, WID), None, PREC, RN)
             d = tl.where(h1 > 0.0, d, 0.0)
         if NMID >= 1:
-            acc_w1 = tl.dot(tl.trans(d), h0, acc_w1, input_precision=PREC)
+            acc_w1 = _dot(tl.trans(d), h0, acc_w1, PREC, RN)
             acc_b1 += tl.sum(d, axis=0)
             if HOIST:
-                d = tl.dot(d, wm0, input_precision=PREC)
+                d = _dot(d, wm0, None, PREC, RN)
             else:
-                d = tl.dot(d, _weight(WM, cw, cw, WID, WID), input_precision=PREC)
+                d = _dot(d, _weight(WM, cw, cw, WID, WID), None, PREC, RN)
             d = tl.where(h0 > 0.0, d, 0.0)
-        acc_w0 = tl.dot(tl.trans(d), x, acc_w0, input_precision=PREC)
+        acc_w0 = _dot(tl.trans(d), x, acc_w0, PREC, RN)
         acc_b0 += tl.sum(d, axis=0)
         if NEED_DX:
             if HOIST:
-                dx = tl.dot(d, w0, input_precision=PREC)
+                dx = _dot(d, w0, None, PREC, RN)
             else:
-                dx = tl.dot(d, _weight(W0, cw, ck, WID, K0), input_precision=PREC)
+                dx = _dot(d, _weight(W0, cw, ck, WID, K0), None, PREC, RN)
             tl.store(GX + r64 * K0 + ck[None, :], dx, mask=rmask[:, None] & (ck[None, :] < K0))
     # this program's partial gradients
     p64 = pid.to(tl.int64)
@@ -222,10 +243,12 @@ class KernelOptions:
     bwd_stages: int = 1  # no software pipelining: 30 KB of shared memory instead of 200-320 KB
     bwd_hoist: bool = False  # weights loaded once per program instead of once per block
     # the products' precision where TF32 is allowed (torch.backends.cuda.matmul.allow_tf32):
-    # "tf32", or "tf32x3" (three TF32 products per product: about fp32's accuracy; to measure
-    # against fused-3's 4.2e-2 gradient error with scripts/bench/mlp_accuracy.py). Without TF32
-    # the products are IEEE fp32 either way.
-    tf32_mode: str = "tf32"
+    # "tf32rn" (each operand rounded to the nearest TF32 value first, as cuBLAS does: the
+    # PyTorch TF32 path's accuracy against float64, 2.56e-2 worst where "tf32" gave 4.22e-2, for
+    # 3-4 % of these kernels' time; docs/benchmarks.md, "Run fused-6"), "tf32" (the operands
+    # truncated by the tensor cores) or "tf32x3" (three TF32 products per product: near fp32's
+    # accuracy). Without TF32 the products are IEEE fp32 either way.
+    tf32_mode: str = "tf32rn"
 
 
 def _env_options() -> KernelOptions:
@@ -238,8 +261,8 @@ def _env_options() -> KernelOptions:
 
 
 def _checked(o: KernelOptions) -> KernelOptions:
-    if o.tf32_mode not in ("tf32", "tf32x3"):
-        raise ValueError(f"fused MLP option tf32_mode must be tf32 or tf32x3, got {o.tf32_mode!r}")
+    if o.tf32_mode not in ("tf32", "tf32rn", "tf32x3"):
+        raise ValueError(f"fused MLP option tf32_mode must be tf32, tf32rn or tf32x3, got {o.tf32_mode!r}")
     return o
 
 
@@ -322,7 +345,9 @@ def _programs(device: torch.device, n_blocks: int) -> int:
 def _meta(x, w0, wm, wo):
     n_mid = 0 if wm is None else wm.shape[0]
     k0, wid, no = w0.shape[1], w0.shape[0], wo.shape[0]
-    return dict(K0=k0, K0P=_p2(k0), WID=wid, NO=no, NOP=_p2(no), NMID=n_mid, PREC=_prec())
+    prec = _prec()
+    return dict(K0=k0, K0P=_p2(k0), WID=wid, NO=no, NOP=_p2(no), NMID=n_mid, PREC="tf32" if prec == "tf32rn" else prec,
+                RN=prec == "tf32rn")
 
 
 def _forward(x, w0, b0, wm, bm, wo, bo):

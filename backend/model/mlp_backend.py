@@ -29,7 +29,7 @@ from ..errors import ConfigError
 
 BACKENDS = ("auto", "torch", "compile", "triton")
 ACTIVATIONS = ("none", "tanh", "tanh01", "softplus")
-AUTO_CUDA = "torch"  # the measured winner on the H200 end to end (docs/benchmarks.md, "Run fused-4")
+AUTO_CUDA = "triton"  # the measured winner on the H200 end to end, TF32 rounded to nearest (docs/benchmarks.md, "Run fused-6")
 
 
 def resolve(name: str, device: torch.device | str) -> str:

@@ -65,7 +65,7 @@ def main() -> int:
         # (backend, TF32 allowed, the fused kernels' tf32_mode): "tf32x3" is three TF32 products a
         # product in the fused 64-wide kernels (the mapping's chain keeps cuBLAS either way)
         for backend, tf32, mode in (("torch", True, "tf32"), ("torch", False, "tf32"), ("triton", True, "tf32"),
-                                    ("triton", True, "tf32x3"), ("triton", False, "tf32")):
+                                    ("triton", True, "tf32rn"), ("triton", True, "tf32x3"), ("triton", False, "tf32")):
             old = _set_tf32_mode(mode)
             try:
                 got, path = _grads(net, x, gy, need_dx, backend, tf32)

@@ -68,7 +68,7 @@ def previous(tr: Trainer) -> None:
 def make_clip(args):
     if args.clip_dir:
         from backend.clip import load_clip
-        return load_clip(args.clip_dir, long_edge=args.long_edge, max_frames=args.frames)
+        return load_clip(args.clip_dir, long_edge=args.long_edge or 768, max_frames=args.frames)
     from backend.synthetic import make_synthetic_clip
     w, h = (int(v) for v in args.size.split("x"))
     return make_synthetic_clip(w, h, args.frames, seed=0).clip
@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--clip-dir", type=Path, help="a clip folder (default: the synthetic clip)")
-    ap.add_argument("--long-edge", type=int, default=0)
+    ap.add_argument("--long-edge", type=int, help="the clip folder's working long edge (default: its own size)")
     ap.add_argument("--size", default="1920x1080", help="the synthetic clip's size")
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--passes", type=int, default=0, help="pretraining passes (default: the preset's)")
