@@ -21,7 +21,8 @@ Matrix products are ``tl.dot`` in TF32 when ``torch.backends.cuda.matmul.allow_t
 accumulation either way. TF32 operands are rounded to the nearest TF32 value first
 (``KernelOptions.tf32_mode = "tf32rn"``, :func:`_rna`), as cuBLAS does: the tensor cores
 truncate an fp32 operand, a bias that made the unrounded kernels ~1.6x further from float64
-than PyTorch's TF32 path and cost 2 dB at 1080p (docs/benchmarks.md, "Run fused-6"). Numerics against the PyTorch reference: tests/engine/test_fused_mlp.py.
+than PyTorch's TF32 path and cost 2 dB at 1080p (docs/benchmarks.md, "Run fused-6").
+Numerics against the PyTorch reference: tests/engine/test_fused_mlp.py.
 
 Wider networks (the 4 x 256 mapping) do not fit a program's registers: :func:`chain_mlp` keeps
 cuBLAS for the matrix products and fuses everything around them. Forward: each hidden layer is
@@ -324,6 +325,12 @@ def set_options(**kw) -> KernelOptions:
     return old
 
 
+def launch_precision(mode: str) -> dict:
+    """The kernels' PREC / RN constexprs for a precision (``_prec``): "tf32rn" is TF32 products
+    of operands rounded in the kernel."""
+    return {"PREC": "tf32" if mode == "tf32rn" else mode, "RN": mode == "tf32rn"}
+
+
 def _prec() -> str:
     if not torch.backends.cuda.matmul.allow_tf32 or interpreting():
         return "ieee"
@@ -345,9 +352,7 @@ def _programs(device: torch.device, n_blocks: int) -> int:
 def _meta(x, w0, wm, wo):
     n_mid = 0 if wm is None else wm.shape[0]
     k0, wid, no = w0.shape[1], w0.shape[0], wo.shape[0]
-    prec = _prec()
-    return dict(K0=k0, K0P=_p2(k0), WID=wid, NO=no, NOP=_p2(no), NMID=n_mid, PREC="tf32" if prec == "tf32rn" else prec,
-                RN=prec == "tf32rn")
+    return dict(K0=k0, K0P=_p2(k0), WID=wid, NO=no, NOP=_p2(no), NMID=n_mid, **launch_precision(_prec()))
 
 
 def _forward(x, w0, b0, wm, bm, wo, bo):

@@ -16,6 +16,8 @@ trainer's generator, registered with the graph.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .uvfit import UVInit
@@ -32,8 +34,7 @@ class MappingPretraining:
         params = [p for i in range(self.n_layers) for p in model.mappings[i].parameters()]
         self.optimizer = torch.optim.Adam([{"params": params, "lr": lr}],
                                           **({"fused": True, "capturable": True} if cuda else {}))
-        self.offsets = init.offsets.to(device=device, dtype=torch.float32)  # (N, F, 2)
-        self.scales = [float(s) for s in init.scales]
+        self.init = replace(init, offsets=init.offsets.to(device=device, dtype=torch.float32))
         self.fitted = init.mode == "fit"
         self.frame = torch.zeros(1, dtype=torch.long, device=device)  # the step's frame, in place
         self.graphs = bool(graphs and cuda)
@@ -50,25 +51,26 @@ class MappingPretraining:
             x = torch.randint(0, g.width, (B,), device=self.device, generator=gen)
             y = torch.randint(0, g.height, (B,), device=self.device, generator=gen)
             xyt = g.xyt(x.float(), y.float(), f)
-            o = torch.index_select(self.offsets[i], 0, self.frame)[0]  # (2,)
-            s = self.scales[i]
             if self.fitted and i < self.n_layers - 1:  # half the points where the object's target is in (-1, 1)
                 n = B // 2
-                lo, hi = -1.0 / s - o, 1.0 / s - o
+                lo, hi = self.init.window(i, self.frame)
                 r = torch.rand(n, 2, device=self.device, generator=gen)
                 xy = g.px(lo + r * (hi - lo))
                 xy = torch.stack([xy[:, 0].clamp(0, g.width - 1), xy[:, 1].clamp(0, g.height - 1)], -1)
                 xyt = torch.cat([g.xyt(xy[:, 0], xy[:, 1], f[:n]), xyt[n:]])
-            target = (xyt[:, :2] + o) * s  # UVInit.target
+            target = self.init.target(i, xyt[:, :2], self.frame)
             if self.fitted:  # tanh reaches (-1, 1) only
                 target = target.clamp(-0.98, 0.98)
             loss = (target - self.model.mapping(i, xyt)).norm(dim=1).mean()
             total = loss if total is None else total + loss
         return total
 
-    def _eager(self) -> None:
+    def _eager(self, zero_grad: bool = True) -> None:
+        """One step; captured into a graph without ``zero_grad`` (the gradients are set to None
+        before the capture, and each replay's backward writes them afresh)."""
         loss = self.loss()
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
@@ -93,14 +95,9 @@ class MappingPretraining:
         graph.register_generator_state(self.gen)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
-            self._eager_captured()
+            self._eager(zero_grad=False)
         self._graph = graph
         graph.replay()  # capture records without running: this is the step itself
-
-    def _eager_captured(self) -> None:
-        loss = self.loss()
-        loss.backward()
-        self.optimizer.step()
 
     @torch.no_grad()
     def distance(self, frames: int = 4) -> float:

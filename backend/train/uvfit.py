@@ -41,14 +41,21 @@ class UVInit:
     offsets: torch.Tensor  # (N, F, 2) o_i(f), normalised (x, y) units
     mode: str = "seed"
 
-    def target(self, layer: int, xy: torch.Tensor, f: int) -> torch.Tensor:
-        """Target uv (B, 2) of normalised points ``xy`` (B, 2) of frame ``f``."""
-        return (xy + self.offsets[layer, f]) * self.scales[layer]
+    def target(self, layer: int, xy: torch.Tensor, f) -> torch.Tensor:
+        """Target uv (B, 2) of normalised points ``xy`` (B, 2) of frame ``f`` (an int, or a (1,)
+        index tensor on the offsets' device: no host sync, as a CUDA graph needs)."""
+        return (xy + self.offset(layer, f)) * self.scales[layer]
 
-    def window(self, layer: int, f: int) -> torch.Tensor:
-        """(2, 2) [[x_lo, y_lo], [x_hi, y_hi]] normalised: the points whose target is in [-1, 1]."""
-        o, s = self.offsets[layer, f], self.scales[layer]
+    def window(self, layer: int, f) -> torch.Tensor:
+        """(2, 2) [[x_lo, y_lo], [x_hi, y_hi]] normalised: the points whose target is in [-1, 1]
+        (for a (1,) index tensor ``f``: (2, 1, 2), each bound broadcasting as a (2,) one)."""
+        o, s = self.offset(layer, f), self.scales[layer]
         return torch.stack([-1.0 / s - o, 1.0 / s - o])
+
+    def offset(self, layer: int, f) -> torch.Tensor:
+        """o_i(f): (2,) for an int frame, (1, 2) for a (1,) index tensor (``index_select``: a
+        device-side gather, nothing read back to the host)."""
+        return self.offsets[layer].index_select(0, f) if torch.is_tensor(f) else self.offsets[layer, f]
 
 
 def seed_init(n_layers: int, n_frames: int, scale_fg: float, scale_bg: float,

@@ -55,9 +55,8 @@ def facts(direction: str, net: tuple, opts, arch: int = 90, prec: str | None = N
 
     from backend.model import fused_mlp as fm
     k0, wid, no, nmid = net
-    prec = prec or opts.tf32_mode  # "tf32rn": TF32 products of operands rounded in the kernel
     consts = dict(K0=k0, K0P=fm._p2(k0), WID=wid, NO=no, NOP=fm._p2(no), NMID=nmid,
-                  PREC="tf32" if prec == "tf32rn" else prec, RN=prec == "tf32rn")
+                  **fm.launch_precision(prec or opts.tf32_mode))
     ptrs = "X W0 B0 WM BMID WO BO".split()
     if direction == "bwd":
         kernel, block, warps, stages = fm._mlp_bwd_kernel, opts.bwd_block, opts.bwd_warps, opts.bwd_stages
