@@ -48,11 +48,11 @@ def test_outputs_and_report(decomposition):
     phases = ("load_seconds", "flow_seconds", "setup_seconds", "pretrain_seconds", "seconds", "export_seconds")
     assert all(rep[k] > 0 for k in phases)
     assert rep["total_seconds"] >= sum(rep[k] for k in phases)
-    # and the export's own phases, which account for its time
+    # and the export's own phases, which account for its whole time (each rounded to 1 ms)
     ex = rep["export_phases"]
-    parts = ("atlas_sizing", "atlases", "frames_device", "frames_waiting", "finish")
-    assert set(parts) <= set(ex) and ex["workers"] >= 2 and ex["frames_device"] > 0
-    assert 0.5 * rep["export_seconds"] <= sum(ex[k] for k in parts) <= rep["export_seconds"] + 0.01
+    parts = ("atlas_sizing", "atlases", "setup", "frames_device", "frames_waiting", "finish", "bake_flush")
+    assert set(ex) == set(parts) | {"workers"} and ex["workers"] >= 2 and ex["frames_device"] > 0
+    assert sum(ex[k] for k in parts) == pytest.approx(rep["export_seconds"], abs=0.01)
     for i in range(2):
         atlas = cv2.imread(str(out / "atlas" / f"layer_{i}.png"), cv2.IMREAD_UNCHANGED)
         assert atlas.dtype == np.uint16 and atlas.shape == (64, 64, 4)
